@@ -1,0 +1,252 @@
+"""Typed configuration: YAML files plus dotted `--set section.field=value` overrides.
+
+One `PerfusionConfig` with the sections world, data, rm, policy, align, serve, cluster. Every model
+forbids unknown keys, so a typo fails at load with the field and the file named, instead of being
+silently ignored. Paths to *inputs* (taste families) are resolved relative to the config file that
+names them; paths to *outputs* (data.root) are taken as given, relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from perfusion_ray.errors import PerfusionError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "fashionworld.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ---------------------------------------------------------------- world
+class OmitProbability(Section):
+    """Probability that a prompt leaves each attribute out (the item's class is always named)."""
+
+    colour: float = Field(0.5, ge=0, le=1)
+    shade: float = Field(0.5, ge=0, le=1)
+    pattern: float = Field(0.5, ge=0, le=1)
+
+
+class ShopperModel(Section):
+    """Shoppers react to listed (selected) items; probabilities rise with the merchant's utility."""
+
+    views_per_listing: int = Field(4, ge=0, description="shopper visits per listed item")
+    click_rate: float = Field(0.5, ge=0, le=1, description="click probability at utility 0")
+    order_rate: float = Field(0.4, ge=0, le=1, description="order probability per click at utility 0")
+    return_rate: float = Field(0.3, ge=0, le=1, description="return probability per order at utility 0")
+    utility_slope: float = Field(2.0, ge=0, description="logit slope of every rate in the utility")
+
+
+class WorldConfig(Section):
+    """FashionWorld: catalogue, merchants and the feedback simulator."""
+
+    seed: int = Field(0, description="one seed for catalogue, merchants and feedback: same seed, same bytes")
+    fashion_mnist_dir: Path | None = Field(None, description="folder with the idx files; else the locator searches")
+    taste_family: Path = Field(Path("tastes/boutique.yaml"), description="merchant segments and tastes (YAML)")
+    image_size: int = Field(32, ge=28, le=256, description="rendered images are image_size x image_size RGB")
+    items_per_combination: int = Field(6, ge=1, description="catalogue items per (class, colour, shade, pattern)")
+    num_merchants: int = Field(48, ge=2)
+    cold_start_fraction: float = Field(0.25, gt=0, lt=1, description="merchants held out of the training stream")
+    hours: int = Field(12, ge=1, description="hours of training feedback, one partition per hour")
+    requests_per_hour: int = Field(60, ge=1)
+    holdout_requests_per_merchant: int = Field(12, ge=1, description="held-out requests, seen and cold merchants")
+    start_time: dt.datetime = Field(dt.datetime(2026, 1, 5, tzinfo=dt.timezone.utc), description="first event hour (UTC)")
+    selection_temperature: float = Field(0.15, gt=0, description="Plackett-Luce temperature of the merchant's picks")
+    min_selected: int = Field(1, ge=1)
+    max_selected: int = Field(2, ge=1)
+    omit: OmitProbability = OmitProbability()
+    shoppers: ShopperModel = ShopperModel()
+
+    @field_validator("start_time")
+    @classmethod
+    def _utc(cls, value: dt.datetime) -> dt.datetime:
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+    @model_validator(mode="after")
+    def _selection_range(self) -> "WorldConfig":
+        if self.max_selected < self.min_selected:
+            raise ValueError(f"max_selected ({self.max_selected}) is below min_selected ({self.min_selected})")
+        return self
+
+
+# ---------------------------------------------------------------- data
+class LabelPolicy(Section):
+    """How feedback events grade a candidate: label = max grade of its events + return_penalty per return."""
+
+    grades: dict[Literal["impression", "select", "click", "order"], float] = Field(
+        default_factory=lambda: {"impression": 0.0, "select": 1.0, "click": 2.0, "order": 3.0}
+    )
+    return_penalty: float = Field(-2.0, le=0, description="added once per return event; a return counts against")
+    positive_threshold: float = Field(0.5, description="label > threshold puts a candidate in P, else in N")
+
+    @field_validator("grades")
+    @classmethod
+    def _impression_graded(cls, grades: dict[str, float]) -> dict[str, float]:
+        if "impression" not in grades:
+            raise ValueError("grades must include 'impression' (the grade of an unpicked candidate)")
+        return grades
+
+
+class DataConfig(Section):
+    """The feedback store and ingest. Layout under root: images/, and per split (train, holdout)
+    feedback/ (event-hour partitions), groups/, quarantine/, state/."""
+
+    root: str = Field("out/data", description="local path or pyarrow filesystem URI (s3://, gs://, hdfs://)")
+    group_size: int = Field(4, ge=2, description="K, candidates per request")
+    image_size: int | None = Field(32, ge=1, description="required side of square images; None accepts any size")
+    label_policy: LabelPolicy = LabelPolicy()
+    max_clock_skew_s: float = Field(300.0, ge=0, description="event times later than now + skew are quarantined")
+    batch_rows: int = Field(65536, ge=1, description="rows per Ray Data batch in validation")
+    shuffle_blocks: int = Field(8, ge=1, description="hash partitions when grouping events by request")
+
+
+# ---------------------------------------------------------------- models and training
+class RMConfig(Section):
+    """PerFusionRM training (Ray Train + DeepSpeed)."""
+
+    lr: float = Field(3e-4, gt=0)
+    batch_groups: int = Field(64, ge=1, description="groups per optimizer step (all workers)")
+    epochs: int = Field(8, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    plugin: bool = Field(True, description="the feature-crossing plug-in; false is the non-personalized baseline")
+
+
+class PolicyConfig(Section):
+    """The diffusion policy: a frozen base model plus the personalized adaptive network."""
+
+    base: str = Field("embedded", description="'embedded' or a local Stable Diffusion directory")
+    lora_rank: int = Field(8, ge=1)
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(4.0, ge=0)
+
+
+class AlignConfig(Section):
+    """Group-level preference optimization."""
+
+    variant: Literal["pl", "multi_neg", "pairwise", "sft"] = "pl"
+    beta: float = Field(2500.0, gt=0, description="diffusers' Diffusion-DPO convention (no 1/2 factor)")
+    lr: float = Field(1e-4, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    bf16: bool = False
+
+
+class ServeConfig(Section):
+    """The reward and design endpoints."""
+
+    host: str = Field("127.0.0.1", description="bind address; anything but loopback needs a bearer token")
+    port: int = Field(8000, ge=1, le=65535)
+    bearer_token: str | None = None
+    max_batch_size: int = Field(32, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+
+
+class ClusterConfig(Section):
+    """Where Ray runs. address None: RAY_ADDRESS if set, else a local cluster on 127.0.0.1."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (None: all)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="per Ray Train worker; 1.0 on 2 cores hangs Data+Train")
+
+
+class PerfusionConfig(Section):
+    world: WorldConfig = WorldConfig()
+    data: DataConfig = DataConfig()
+    rm: RMConfig = RMConfig()
+    policy: PolicyConfig = PolicyConfig()
+    align: AlignConfig = AlignConfig()
+    serve: ServeConfig = ServeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    source: str | None = Field(None, description="the file this config was loaded from (set by load_config)")
+
+    def resolve_input(self, path: Path) -> Path:
+        """An input path named in the config, resolved against the config file's folder."""
+        if path.is_absolute() or self.source is None:
+            return path
+        return (Path(self.source).parent / path).resolve()
+
+
+# ---------------------------------------------------------------- loading
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise PerfusionError(f"--set {item!r}: expected section.field=value", hint="e.g. --set rm.lr=1e-4")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(raw: dict, path: list[str], value: Any, item: str) -> None:
+    model: type[BaseModel] | None = PerfusionConfig
+    node = raw
+    for depth, key in enumerate(path):
+        fields = model.model_fields if model is not None else {}
+        if model is not None and key not in fields:
+            where = ".".join(path[:depth]) or "the top level"
+            known = ", ".join(sorted(fields))
+            raise PerfusionError(f"--set {item}: unknown field {key!r} in {where}", hint=f"known fields: {known}")
+        if depth == len(path) - 1:
+            node[key] = value
+            return
+        annotation = fields[key].annotation if model is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) or error["type"] == "missing" else f" (got {value!r})"
+    return f"{field}: {message}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PerfusionConfig:
+    """Load a YAML config (default: configs/fashionworld.yaml) and apply `section.field=value` overrides.
+
+    Raises PerfusionError naming the file (or --set) and the field for unknown keys, wrong types and
+    bad values.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PerfusionError(f"config file {path} does not exist", hint=f"the default is {DEFAULT_CONFIG}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise PerfusionError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PerfusionError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    overridden: set[str] = set()
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _apply_override(raw, keys, value, item)
+        overridden.add(".".join(keys))
+    raw["source"] = str(path.resolve())
+    try:
+        return PerfusionConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            origin = "--set" if any(field == key or field.startswith(key + ".") for key in overridden) else str(path)
+            problems.append(f"{origin}: {_describe(error)}")
+        raise PerfusionError("invalid config:\n  " + "\n  ".join(problems)) from None

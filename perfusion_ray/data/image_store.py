@@ -1,0 +1,77 @@
+"""A content-addressed image store: PNG files named by their sha256, under one root (local or URI)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from functools import lru_cache
+
+import numpy as np
+import pyarrow.fs as pafs
+from PIL import Image, UnidentifiedImageError
+
+from perfusion_ray.storage import atomic_write_bytes, resolve_filesystem
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    # optimize=False and no metadata: the same pixels always give the same bytes.
+    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class ImageStore:
+    def __init__(self, root: str):
+        self.root = str(root)
+        self.filesystem, self.base = resolve_filesystem(root)
+
+    def ref_for(self, digest: str) -> str:
+        return f"{digest[:2]}/{digest}.png"
+
+    def put(self, png: bytes) -> tuple[str, str]:
+        """Store encoded image bytes; returns (image_ref, sha256). Storing twice is free."""
+        digest = sha256_hex(png)
+        ref = self.ref_for(digest)
+        path = os.path.join(self.base, ref)
+        if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            atomic_write_bytes(path, png, self.filesystem)
+        return ref, digest
+
+    def put_array(self, image: np.ndarray) -> tuple[str, str]:
+        return self.put(encode_png(image))
+
+    def read_bytes(self, ref: str) -> bytes:
+        if not ref or ref.startswith("/") or ".." in ref.split("/"):
+            raise ValueError(f"image_ref {ref!r} is not a path inside the image store")
+        with self.filesystem.open_input_stream(os.path.join(self.base, ref)) as stream:
+            return stream.read()
+
+    def load(self, ref: str) -> np.ndarray:
+        """uint8 RGB array of a stored image."""
+        with Image.open(io.BytesIO(self.read_bytes(ref))) as image:
+            return np.asarray(image.convert("RGB"))
+
+
+@lru_cache(maxsize=200_000)
+def image_problem(store_root: str, ref: str, digest: str, size: int | None) -> str | None:
+    """Why the image behind (ref, digest) is unusable, or None. Cached per process: images are immutable."""
+    store = ImageStore(store_root)
+    try:
+        data = store.read_bytes(ref)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        return f"unreadable image: {ref}: {exc.__class__.__name__}"
+    if sha256_hex(data) != digest:
+        return f"unreadable image: {ref}: content does not match image_sha256"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if size is not None and image.size != (size, size):
+                return f"unreadable image: {ref}: size {image.size[0]}x{image.size[1]}, expected {size}x{size}"
+    except (UnidentifiedImageError, OSError) as exc:
+        return f"unreadable image: {ref}: not a decodable image ({exc.__class__.__name__})"
+    return None

@@ -1,0 +1,58 @@
+"""Ranking metrics on 1-D arrays (pure numpy).
+
+gauc: AUC per group, weighted by group size, over the groups that have both a positive and a
+negative; ties in score count one half, as in the Mann-Whitney statistic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _tie_averaged_ranks(groups: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, rank): rows sorted by (group, score), with 1-based ranks within each group, ties averaged."""
+    order = np.lexsort((scores, groups))
+    g, s = groups[order], scores[order]
+    n = len(order)
+    new_group = np.r_[True, g[1:] != g[:-1]]
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    position = np.arange(n) - group_start + 1.0
+    new_run = new_group | np.r_[True, s[1:] != s[:-1]]
+    run = np.cumsum(new_run) - 1
+    run_mean = np.bincount(run, weights=position) / np.bincount(run)
+    return order, run_mean[run]
+
+
+def _per_group_auc(scores, labels, group_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(auc, size, valid) per group: valid where the group has both labels."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    _, groups = np.unique(np.asarray(group_ids), return_inverse=True)
+    if not (scores.shape == labels.shape == groups.shape) or scores.ndim != 1:
+        raise ValueError(f"scores, labels and group_ids must be 1-D of one length, got {scores.shape}, {labels.shape}, {np.shape(group_ids)}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    order, rank = _tie_averaged_ranks(groups, scores)
+    g, y = groups[order], labels[order]
+    num_groups = groups.max() + 1 if len(groups) else 0
+    positives = np.bincount(g, weights=y, minlength=num_groups)
+    size = np.bincount(g, minlength=num_groups).astype(np.float64)
+    negatives = size - positives
+    rank_sum = np.bincount(g, weights=rank * y, minlength=num_groups)
+    valid = (positives > 0) & (negatives > 0)
+    auc = np.where(valid, (rank_sum - positives * (positives + 1) / 2) / np.maximum(positives * negatives, 1), np.nan)
+    return auc, size, valid
+
+
+def gauc(scores, labels, group_ids) -> float:
+    """Group AUC: per-group AUC weighted by group size over groups with both labels (NaN if none)."""
+    auc, size, valid = _per_group_auc(scores, labels, group_ids)
+    if not valid.any():
+        return float("nan")
+    return float(np.sum(auc[valid] * size[valid]) / np.sum(size[valid]))
+
+
+def auc(scores, labels) -> float:
+    """Plain AUC over all rows (NaN when one class is missing)."""
+    scores = np.asarray(scores)
+    return gauc(scores, labels, np.zeros(len(scores), dtype=np.int64))

@@ -1,0 +1,82 @@
+"""Environment hygiene and Ray start-up, in one place.
+
+`configure_environment()` must run before `import ray` anywhere in the process (the CLI, jobs and
+tests call it first): Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import time to decide whether
+it binds the machine's external address or loopback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from perfusion_ray.config import ClusterConfig
+
+LOOPBACK = "127.0.0.1"
+
+# Variables every process of ours needs, driver and Ray workers alike.
+_PROCESS_ENV = {
+    "HF_HUB_OFFLINE": "1",  # a stray hub call fails fast instead of hanging on a closed network
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def _has_cuda() -> bool:
+    # Cheap on purpose (runs at package import): the driver's device node, not a torch import.
+    return os.path.exists("/dev/nvidiactl")
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment for Ray workers (runtime_env env_vars): the same hygiene as the driver."""
+    env = dict(_PROCESS_ENV)
+    if not _has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for CUDA and fails on CPU machines
+    return env
+
+
+def configure_environment(address: str | None = None) -> None:
+    """Set process-wide variables. Keeps Ray on loopback unless an address to join was given."""
+    for key, value in _PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # Without this Ray 2.60 binds the external interface (STACK.md trap 4).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def disable_deepspeed_shm_op() -> None:
+    """Stop DeepSpeed from compiling its shared-memory comm op with g++ (about a minute, 3.5 GiB) on CPU.
+
+    `import deepspeed.comm.torch as m` binds the real `torch` package, so the module is fetched by name.
+    """
+    module = importlib.import_module("deepspeed.comm.torch")
+    module.build_shm_op = lambda: None
+
+
+def init_ray(cluster: "ClusterConfig | None" = None):
+    """Join RAY_ADDRESS / cluster.address, or start a local cluster bound to 127.0.0.1.
+
+    Returns the ray module. Idempotent: an already-initialised Ray is reused.
+    """
+    address = (cluster.address if cluster else None) or os.environ.get("RAY_ADDRESS")
+    configure_environment(address)
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    runtime_env = {"env_vars": worker_env_vars()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cluster.num_cpus if cluster else None,
+            _node_ip_address=LOOPBACK,
+            runtime_env=runtime_env,
+            include_dashboard=True,  # without it a cleaner actor logs a warning every second (STACK.md)
+            log_to_driver=True,
+        )
+    return ray

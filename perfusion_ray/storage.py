@@ -1,0 +1,75 @@
+"""Atomic file writes and filesystem resolution for local paths and pyarrow filesystem URIs.
+
+Every state file and every data file the project writes goes through here: written to a temporary
+name in the same folder, then renamed, so a reader never sees half a file and a crash leaves either
+the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+
+def resolve_filesystem(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI such as s3://bucket/prefix."""
+    root = str(root)
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), str(Path(root).absolute())
+
+
+def is_temporary(name: str) -> bool:
+    return os.path.basename(name).startswith(TMP_PREFIX)
+
+
+def _tmp_sibling(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex}-{tail}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = str(path)
+    if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = _tmp_sibling(path)
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return
+    # Object stores publish a PUT atomically; a temp + move would only add a copy.
+    filesystem.create_dir(os.path.dirname(path), recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any, filesystem: pafs.FileSystem | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), filesystem)
+
+
+def read_json(path: str | os.PathLike, default: Any = None, filesystem: pafs.FileSystem | None = None) -> Any:
+    filesystem = filesystem or pafs.LocalFileSystem()
+    try:
+        with filesystem.open_input_stream(str(path)) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return default
+
+
+def atomic_write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Write a parquet file atomically. Same table, same bytes (no timestamps in the metadata)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes(), filesystem)
