@@ -14,6 +14,9 @@ from PIL import Image, UnidentifiedImageError
 from perfusion_ray.storage import atomic_write_bytes, resolve_filesystem
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
 def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     # optimize=False and no metadata: the same pixels always give the same bytes.
@@ -30,16 +33,18 @@ class ImageStore:
         self.root = str(root)
         self.filesystem, self.base = resolve_filesystem(root)
 
-    def ref_for(self, digest: str) -> str:
-        return f"{digest[:2]}/{digest}.png"
+    def put(self, data: bytes) -> tuple[str, str]:
+        """Store encoded image bytes as they are; returns (image_ref, sha256). Storing twice is free.
 
-    def put(self, png: bytes) -> tuple[str, str]:
-        """Store encoded image bytes; returns (image_ref, sha256). Storing twice is free."""
-        digest = sha256_hex(png)
-        ref = self.ref_for(digest)
+        The file is named by its digest, with the extension of its format (JPEG or PNG) so that other
+        tools see what it is.
+        """
+        digest = sha256_hex(data)
+        extension = "jpg" if data.startswith(JPEG_MAGIC) else "png"
+        ref = f"{digest[:2]}/{digest}.{extension}"
         path = os.path.join(self.base, ref)
         if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-            atomic_write_bytes(path, png, self.filesystem)
+            atomic_write_bytes(path, data, self.filesystem)
         return ref, digest
 
     def put_array(self, image: np.ndarray) -> tuple[str, str]:

@@ -1,0 +1,167 @@
+"""The `perfusion` command line: thin wrappers over the library.
+
+Errors a user can fix print as one line plus a hint (exit 2); anything else is a bug and shows its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from perfusion_ray.config import DEFAULT_CONFIG, PerfusionConfig, load_config
+from perfusion_ray.errors import PerfusionError
+
+
+def _config(args: argparse.Namespace) -> PerfusionConfig:
+    return load_config(args.config, args.set)
+
+
+def _table(rows: list[tuple], header: tuple[str, ...]) -> str:
+    rows = [tuple(str(cell) for cell in row) for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
+def _splits(value: str) -> list[str]:
+    return ["train", "holdout"] if value == "both" else [value]
+
+
+# ---------------------------------------------------------------- world
+def cmd_world_simulate(args: argparse.Namespace) -> int:
+    from perfusion_ray.world.simulator import build_world, simulate
+
+    config = _config(args)
+    world = build_world(config)
+    for split in _splits(args.split):
+        report = simulate(config, split, world)
+        print(f"simulated {split}: {report.requests} requests, {report.events} events in "
+              f"{len(report.partitions)} hourly partitions under {config.data.root}/{split}/feedback "
+              f"({report.seconds:.1f}s); oracle GAUC ceiling {report.oracle_gauc:.3f}")
+    return 0
+
+
+# ---------------------------------------------------------------- data
+def _print_ingest(report) -> None:
+    c = report.counts
+    if report.recovered_runs:
+        print(f"recovered {len(report.recovered_runs)} committed run(s) missing from the watermark")
+    if report.run_id is None:
+        print(f"ingest {report.split}: no new partitions past the watermark")
+        return
+    print(f"ingest {report.split} run {report.run_id} ({report.engine}, {report.seconds:.1f}s): "
+          f"{len(report.files)} partition file(s), {c.rows_read} rows read = {c.rows_grouped} grouped + "
+          f"{c.rows_quarantined} quarantined; {c.groups} group examples; {c.files_quarantined} file(s) quarantined whole")
+
+
+def cmd_data_ingest(args: argparse.Namespace) -> int:
+    from perfusion_ray.data.ingest import ingest
+
+    config = _config(args)
+    for split in _splits(args.split):
+        _print_ingest(ingest(config, split, engine=args.engine))
+    return 0
+
+
+def _print_summary(summary) -> None:
+    print(f"\n== {summary.split} ==")
+    print(_table([
+        ("partition files", summary.partition_files), ("consumed (watermark)", summary.consumed_files),
+        ("pending", summary.pending_files), ("ingest runs", summary.ingest_runs),
+        ("group examples", summary.groups), ("merchants", summary.merchants),
+        ("groups with P and N", summary.groups_with_preference), ("groups all P", summary.groups_all_positive),
+        ("groups all N", summary.groups_all_negative), ("quarantined rows", summary.quarantined_rows),
+        ("quarantined files", summary.quarantined_files),
+    ], ("", "count")))
+    if summary.label_counts:
+        print("\n" + _table([(f"{label:g}", n) for label, n in summary.label_counts.items()], ("label", "candidates")))
+    if summary.quarantine_reasons:
+        print("\n" + _table(list(summary.quarantine_reasons.items()), ("quarantine reason", "rows")))
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from perfusion_ray.data.summary import summarize
+
+    config = _config(args)
+    for split in _splits(args.split):
+        _print_summary(summarize(config.data.root, split, config.data.label_policy))
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job. For now: simulate FashionWorld feedback, ingest it on Ray Data, print a summary."""
+    from perfusion_ray.data.ingest import ingest
+    from perfusion_ray.data.summary import summarize
+    from perfusion_ray.world.simulator import build_world, simulate
+
+    config = _config(args)
+    if args.quick:
+        config.world.hours = min(config.world.hours, 4)
+        config.world.holdout_requests_per_merchant = min(config.world.holdout_requests_per_merchant, 4)
+    world = build_world(config)
+    print(f"FashionWorld: {len(world.catalogue)} catalogue items, {len(world.merchants.ids)} merchants "
+          f"({int(world.merchants.cold_start.sum())} cold-start), taste family '{world.family.name}'")
+    ceilings = {}
+    for split in ("train", "holdout"):
+        report = simulate(config, split, world)
+        ceilings[split] = report.oracle_gauc
+        print(f"simulated {split}: {report.requests} requests, {report.events} events, "
+              f"{len(report.partitions)} partitions")
+    for split in ("train", "holdout"):
+        _print_ingest(ingest(config, split))
+    for split in ("train", "holdout"):
+        _print_summary(summarize(config.data.root, split, config.data.label_policy))
+    print("\noracle GAUC ceiling (true utilities vs simulated labels): "
+          + ", ".join(f"{split} {value:.3f}" for split, value in ceilings.items()))
+    print(f"store: {Path(config.data.root).absolute()}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=None, help=f"YAML config (default {DEFAULT_CONFIG.name})")
+    common.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field, e.g. --set rm.lr=1e-4 (repeatable)")
+    parser = argparse.ArgumentParser(prog="perfusion", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    world = commands.add_parser("world", help="FashionWorld").add_subparsers(dest="action", required=True)
+    p = world.add_parser("simulate", parents=[common], help="simulate feedback partitions into the store")
+    p.add_argument("--split", choices=["train", "holdout", "both"], default="both")
+    p.set_defaults(handler=cmd_world_simulate)
+
+    data = commands.add_parser("data", help="the feedback store").add_subparsers(dest="action", required=True)
+    p = data.add_parser("ingest", parents=[common], help="validate + group new partitions (Ray Data)")
+    p.add_argument("--split", choices=["train", "holdout", "both"], default="both")
+    p.add_argument("--engine", choices=["ray", "local"], default="ray", help="local: one process, no cluster")
+    p.set_defaults(handler=cmd_data_ingest)
+    p = data.add_parser("inspect", parents=[common], help="counts, label distribution, quarantine reasons")
+    p.add_argument("--split", choices=["train", "holdout", "both"], default="both")
+    p.set_defaults(handler=cmd_data_inspect)
+
+    p = commands.add_parser("demo", parents=[common], help="the main job on the embedded default")
+    p.add_argument("--quick", action="store_true", help="a smaller smoke version")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except PerfusionError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
