@@ -108,8 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for split in ("train", "holdout"):
         report = simulate(config, split, world)
         ceilings[split] = report.oracle_gauc
-        print(f"simulated {split}: {report.requests} requests, {report.events} events, "
-              f"{len(report.partitions)} partitions")
+        print(f"simulated {split}: {report.requests} requests, {report.events} events "
+              f"({report.faulty_events} broken on purpose), {len(report.partitions)} partitions")
     for split in ("train", "holdout"):
         _print_ingest(ingest(config, split))
     for split in ("train", "holdout"):

@@ -63,6 +63,10 @@ class WorldConfig(Section):
     max_selected: int = Field(2, ge=1)
     omit: OmitProbability = OmitProbability()
     shoppers: ShopperModel = ShopperModel()
+    faulty_event_rate: float = Field(
+        0.0, ge=0, le=0.5,
+        description="share of events written broken (unknown type, NaN value, bad time, resent duplicate), "
+                    "as real logs have; ingest must quarantine them")
 
     @field_validator("start_time")
     @classmethod

@@ -16,6 +16,7 @@ TINY_OVERRIDES = [
     "world.holdout_requests_per_merchant=3",
     "world.items_per_combination=4",
     "data.shuffle_blocks=2",
+    "world.faulty_event_rate=0",  # tests that want broken rows make them precisely
 ]
 
 

@@ -80,6 +80,7 @@ class SimulationReport:
     events: int = 0
     events_by_type: dict[str, int] = field(default_factory=dict)
     partitions: list[str] = field(default_factory=list)
+    faulty_events: int = 0  # events broken on purpose (world.faulty_event_rate)
     oracle_gauc: float = float("nan")  # GAUC of the true utilities against the simulated labels: the ceiling
     groups_with_preference: int = 0  # groups with both a positive and a negative
     seconds: float = 0.0
@@ -140,6 +141,28 @@ class _HourBuilder:
             "event_type": pa.array(c["event_type"], pa.string()),
             "value": pa.array(c["value"], pa.float64()),
         }, schema=FEEDBACK_EVENT_SCHEMA)
+
+
+def _inject_faults(table: pa.Table, rate: float, rng: np.random.Generator) -> tuple[pa.Table, int]:
+    """Break a share of rows the way real logs break: each chosen row gets one defect, in turn.
+    Returns (table, number of broken or resent events)."""
+    chosen = np.flatnonzero(rng.random(table.num_rows) < rate)
+    if not len(chosen):
+        return table, 0
+    rows = table.to_pylist()
+    resent = []
+    for n, row_index in enumerate(chosen):
+        row = rows[row_index]
+        kind = n % 4
+        if kind == 0:
+            row["event_type"] = "view"
+        elif kind == 1:
+            row["value"] = float("nan")
+        elif kind == 2:
+            row["event_time"] = row["event_time"].replace("T", " at ")
+        else:
+            resent.append(dict(row))  # at-least-once delivery: the same event again
+    return pa.Table.from_pylist(rows + resent, schema=FEEDBACK_EVENT_SCHEMA), len(chosen)
 
 
 def _logit(p: float) -> float:
@@ -225,7 +248,8 @@ def simulate(config: PerfusionConfig, split: str = "train", world: World | None 
             utilities.append(utility)
             positives.append(is_positive(graded_labels(counts, policy), policy))
             group_ids.append(np.full(k, len(group_ids)))
-        table = builder.table(world, refs, digests)
+        table, faulty = _inject_faults(builder.table(world, refs, digests), cfg.faulty_event_rate, rng)
+        report.faulty_events += faulty
         write_partition(layout, hour, table, f"sim-seed{cfg.seed}")
         report.partitions.append(hour.strftime("%Y-%m-%dT%H"))
         report.requests += n
