@@ -90,6 +90,19 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_adapt(args: argparse.Namespace) -> int:
+    from perfusion_ray.data.adapters import adapt_file
+    from perfusion_ray.data.store import StoreLayout
+
+    config = _config(args)
+    report = adapt_file(args.kind, args.input, args.out, StoreLayout(config.data.root).images_uri, ties=args.ties)
+    print(f"{args.kind}: {report.rows_read} rows read = {report.groups_written} groups + {report.ties_dropped} "
+          f"ties dropped + {report.rows_rejected} rejected ({report.ties} ties); written to {args.out}")
+    for reason, count in report.reasons.items():
+        print(f"  rejected {count}: {reason}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job. For now: simulate FashionWorld feedback, ingest it on Ray Data, print a summary."""
@@ -142,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("inspect", parents=[common], help="counts, label distribution, quarantine reasons")
     p.add_argument("--split", choices=["train", "holdout", "both"], default="both")
     p.set_defaults(handler=cmd_data_inspect)
+
+    p = data.add_parser("adapt", parents=[common], help="public preference data -> group examples")
+    p.add_argument("kind", choices=["pickapic_v2", "pickapic_rankings"])
+    p.add_argument("--input", required=True, help="a parquet file of that data set")
+    p.add_argument("--out", required=True, help="folder for groups.parquet and quarantine.parquet")
+    p.add_argument("--ties", choices=["keep", "drop"], default="keep", help="Pick-a-Pic 0.5/0.5 rows")
+    p.set_defaults(handler=cmd_data_adapt)
 
     p = commands.add_parser("demo", parents=[common], help="the main job on the embedded default")
     p.add_argument("--quick", action="store_true", help="a smaller smoke version")
