@@ -103,6 +103,63 @@ def cmd_data_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- pretraining of embedded models
+def cmd_pretrain_clip(args: argparse.Namespace) -> int:
+    from perfusion_ray.train.pretrain_clip import run
+
+    return run(args)
+
+
+# ---------------------------------------------------------------- reward model
+def _baseline_config(config: PerfusionConfig) -> PerfusionConfig:
+    """The non-personalized baseline: the same config and code path with the plug-in off."""
+    baseline = config.model_copy(deep=True)
+    baseline.rm.plugin = False
+    baseline.rm.out = str(Path(config.rm.out) / "no_plugin")
+    return baseline
+
+
+def cmd_rm_train(args: argparse.Namespace) -> int:
+    from perfusion_ray.train.reward_model import train_reward_model
+
+    config = _config(args)
+    runs = [config] + ([_baseline_config(config)] if args.with_baseline else [])
+    for run_config in runs:
+        report = train_reward_model(run_config, resume=args.resume)
+        kind = "PerFusionRM" if run_config.rm.plugin else "plug-in-off baseline"
+        print(f"{kind}: best validation GAUC {report.best_val_gauc:.3f} after {report.epochs} epoch(s), "
+              f"{report.seconds:.0f}s; exported to {report.model_dir}")
+    return 0
+
+
+def cmd_rm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from perfusion_ray.evaluation.reward_model import evaluate_reward_models
+    from perfusion_ray.storage import atomic_write_json
+
+    config = _config(args)
+    model_dir = args.model or Path(config.rm.out) / "model"
+    baseline = args.baseline or Path(_baseline_config(config).rm.out) / "model"
+    evaluation = evaluate_reward_models(config, model_dir, baseline if baseline.is_dir() else None)
+    rows = []
+    for scorer, subsets in evaluation.table.items():
+        for subset in ("seen", "cold"):
+            m = subsets[subset]
+            rows.append((f"{scorer} ({subset})", f"{m['gauc']:.3f}", f"{m['map']:.3f}", f"{m['auc']:.3f}",
+                         f"{m['logloss']:.3f}"))
+    print(_table(rows, ("held-out groups", "GAUC", "MAP", "AUC", "logloss")))
+    oracle = evaluation.table["oracle"]
+    rm = evaluation.table["perfusion_rm"]
+    print(f"\nPerFusionRM / oracle ceiling: seen {rm['seen']['gauc'] / oracle['seen']['gauc']:.1%}, "
+          f"cold {rm['cold']['gauc'] / oracle['cold']['gauc']:.1%}  (groups with P and N: {evaluation.groups})")
+    metrics = evaluation.flat_metrics()
+    out = args.metrics or Path(config.rm.out) / "metrics.json"
+    atomic_write_json(out, metrics)
+    print(f"metrics: {out}")
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job. For now: simulate FashionWorld feedback, ingest it on Ray Data, print a summary."""
@@ -162,6 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for groups.parquet and quarantine.parquet")
     p.add_argument("--ties", choices=["keep", "drop"], default="keep", help="Pick-a-Pic 0.5/0.5 rows")
     p.set_defaults(handler=cmd_data_adapt)
+
+    pretrain = commands.add_parser("pretrain", help="the embedded models").add_subparsers(dest="action", required=True)
+    p = pretrain.add_parser("clip", help="the embedded CLIP for the reward model's towers")
+    p.add_argument("--out", type=Path, default=None, help="default: assets/embedded_clip")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--omit", type=float, default=0.3, help="chance a caption leaves an attribute out")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on 2 busy cores)")
+    p.set_defaults(handler=cmd_pretrain_clip)
+
+    rm = commands.add_parser("rm", help="the reward model").add_subparsers(dest="action", required=True)
+    p = rm.add_parser("train", parents=[common], help="PerFusionRM on Ray Train + DeepSpeed")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of rm.out")
+    p.add_argument("--with-baseline", action="store_true", help="also train the plug-in-off baseline")
+    p.set_defaults(handler=cmd_rm_train)
+    p = rm.add_parser("eval", parents=[common], help="GAUC/MAP/AUC/logloss against baselines and the oracle")
+    p.add_argument("--model", type=Path, help="exported RM directory (default <rm.out>/model)")
+    p.add_argument("--baseline", type=Path, help="plug-in-off RM directory (default <rm.out>/no_plugin/model)")
+    p.add_argument("--metrics", type=Path, help="where to write metrics.json (default <rm.out>/metrics.json)")
+    p.set_defaults(handler=cmd_rm_eval)
 
     p = commands.add_parser("demo", parents=[common], help="the main job on the embedded default")
     p.add_argument("--quick", action="store_true", help="a smaller smoke version")

@@ -56,3 +56,38 @@ def auc(scores, labels) -> float:
     """Plain AUC over all rows (NaN when one class is missing)."""
     scores = np.asarray(scores)
     return gauc(scores, labels, np.zeros(len(scores), dtype=np.int64))
+
+
+def mean_average_precision(scores, labels, group_ids) -> float:
+    """Mean over groups with both labels of the average precision of the group's ranking by score.
+
+    Ties in score are ranked pessimistically (positives after negatives of the same score), so a
+    constant scorer does not look good.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    _, groups = np.unique(np.asarray(group_ids), return_inverse=True)
+    if not (scores.shape == labels.shape == groups.shape):
+        raise ValueError("scores, labels and group_ids must be 1-D of one length")
+    order = np.lexsort((labels, -scores, groups))
+    g, y = groups[order], labels[order]
+    new_group = np.r_[True, g[1:] != g[:-1]]
+    start = np.maximum.accumulate(np.where(new_group, np.arange(len(g)), 0))
+    rank = np.arange(len(g)) - start + 1
+    cumulative_hits = np.cumsum(y) - np.r_[0, np.cumsum(y)][start]
+    precision_at_hits = np.where(y, cumulative_hits / rank, 0.0)
+    num_groups = g.max() + 1 if len(g) else 0
+    positives = np.bincount(g, weights=y, minlength=num_groups)
+    sizes = np.bincount(g, minlength=num_groups)
+    valid = (positives > 0) & (positives < sizes)
+    if not valid.any():
+        return float("nan")
+    ap = np.bincount(g, weights=precision_at_hits, minlength=num_groups) / np.maximum(positives, 1)
+    return float(ap[valid].mean())
+
+
+def logloss(probabilities, labels, eps: float = 1e-7) -> float:
+    """Binary cross-entropy of probabilities against 0/1 labels (probabilities clipped to [eps, 1-eps])."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels).astype(np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))

@@ -1,0 +1,56 @@
+"""Group examples as model inputs: image refs resolved to pixels, labels to a [B, K] array, merchant
+maps to plain dicts. One transform serves Ray Data map_batches (training) and in-process evaluation."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from perfusion_ray.data.image_store import ImageStore
+from perfusion_ray.data.store import StoreLayout
+
+
+@lru_cache(maxsize=100_000)
+def _image(store_root: str, ref: str) -> np.ndarray:
+    return ImageStore(store_root).load(ref)  # images are immutable: cache per process
+
+
+def to_model_batch(table: pa.Table, store_root: str) -> dict[str, np.ndarray]:
+    """A group table -> numpy columns: request_id, merchant_id, merchant_json (features + stats), prompt,
+    images uint8 [B, K, H, W, 3], labels float32 [B, K]. Strings and maps become plain numpy object or
+    JSON columns, which Ray Data's numpy batches and iter_batches carry without a collate function."""
+    refs = table["image_refs"].to_pylist()
+    images = np.stack([np.stack([_image(store_root, ref) for ref in group]) for group in refs]) if refs else \
+        np.zeros((0, 0, 0, 0, 3), np.uint8)
+    features = table["merchant_features"].to_pylist()
+    stats = table["merchant_stats"].to_pylist()
+    return {
+        "request_id": np.array(table["request_id"].to_pylist(), dtype=object),
+        "merchant_id": np.array(table["merchant_id"].to_pylist(), dtype=object),
+        "merchant_json": np.array([json.dumps([dict(f or []), dict(s or [])]) for f, s in zip(features, stats)],
+                                  dtype=object),
+        "prompt": np.array([p or "" for p in table["prompt"].to_pylist()], dtype=object),
+        "images": images,
+        "labels": np.array(table["labels"].to_pylist(), dtype=np.float32),
+    }
+
+
+def merchant_records(batch: dict[str, np.ndarray]) -> list[dict]:
+    """Per-group merchant dicts (merchant_id, merchant_features, merchant_stats) from a model batch."""
+    records = []
+    for merchant_id, encoded in zip(batch["merchant_id"], batch["merchant_json"]):
+        features, stats = json.loads(encoded)
+        records.append({"merchant_id": merchant_id, "merchant_features": features, "merchant_stats": stats})
+    return records
+
+
+def read_groups(root: str, split: str) -> pa.Table:
+    """Every committed group example of a split (for evaluation sized data; training streams instead)."""
+    layout = StoreLayout(root, split)
+    files = layout.output_files("groups")
+    tables = [pq.read_table(path, filesystem=layout.filesystem) for path in files]
+    return pa.concat_tables([t for t in tables if t.num_rows]) if tables else pa.table({})

@@ -1,0 +1,1 @@
+"""Evaluation against FashionWorld ground truth: reward models now, aligned policies next."""

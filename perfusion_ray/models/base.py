@@ -1,0 +1,289 @@
+"""The base diffusion model: diffusers components from a directory in Stable Diffusion's layout.
+
+One loading path for every base model. `load_base(path)` reads the subfolders unet/, vae/,
+text_encoder/, tokenizer/ and scheduler/ with diffusers/transformers `from_pretrained`, whether the
+folder is a Stable Diffusion 1.x checkout on a GPU cluster or the embedded FashionWorld model shipped in
+assets/embedded_base/ (`load_base("embedded")`). The embedded model is a small latent diffusion model
+pretrained by `perfusion pretrain base` (perfusion_ray/train/pretrain_base.py): a plain conv autoencoder
+(32x32x3 <-> 4x8x8, models/autoencoder.py), a UNet2DConditionModel (64, 128) with cross-attention at
+both levels and a 2-layer CLIPTextModel on the real CLIP BPE vocabulary, trained with v-prediction on a
+cosine schedule. Its tokenizer is not shipped: a missing tokenizer/ folder means the real CLIP BPE
+tokenizer from models/tokenizer.py (the same files). Prompts are padded to the text encoder's
+max_position_embeddings when that is below the tokenizer's 77: the embedded model uses 16 (FashionWorld
+prompts are at most 10 tokens; padding to 77 doubled the cost of a training step).
+
+Sampling is DDIM with classifier-free guidance. The scheduler always gets clip_sample=False: clamping
+predicted latents to [-1, 1] ruins latent models (a quarter of latent values lie outside; STACK.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from perfusion_ray.config import REPO_ROOT
+from perfusion_ray.errors import PerfusionError
+
+EMBEDDED_DIR = REPO_ROOT / "assets" / "embedded_base"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# The embedded model's architecture (perfusion pretrain base builds it from these).
+EMBEDDED_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+)
+EMBEDDED_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+)
+EMBEDDED_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64), sample_size=32)
+EMBEDDED_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+)
+
+
+@dataclass
+class BaseDiffusion:
+    """The frozen base model's diffusers components and how to sample from them."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # TinyAutoencoder (embedded) or diffusers AutoencoderKL (Stable Diffusion)
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    scheduler: Any  # diffusers DDIMScheduler (clip_sample=False)
+    source: str = "embedded"
+
+    # ------------------------------------------------------------ shapes
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = int(self.unet.config.sample_size)
+        return (int(self.unet.config.in_channels), size, size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def modules(self) -> dict[str, Any]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "BaseDiffusion":
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "BaseDiffusion":
+        for module in self.modules().values():
+            module.eval()
+            module.requires_grad_(False)
+        return self
+
+    # ------------------------------------------------------------ text and latents
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the UNet's encoder_hidden_states [B, L, D] (last hidden state, as Stable Diffusion)."""
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] [B, 3, H, W] -> scaled latents (what the UNet sees)."""
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], [B, 3, H, W]."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def sampling_scheduler(self, num_inference_steps: int):
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+
+    # ------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], guidance_scale: float = 4.0, num_inference_steps: int = 20,
+                       generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                       unet: Any = None) -> torch.Tensor:
+        """DDIM with classifier-free guidance (the empty prompt as unconditional); scaled latents out.
+
+        `unet` overrides the base UNet (a personalized network with the same call signature).
+        """
+        unet = unet or self.unet
+        n = len(prompts)
+        scheduler = self.sampling_scheduler(num_inference_steps)
+        if latents is None:
+            latents = torch.randn((n, *self.latent_shape), generator=generator, dtype=torch.float32)
+        latents = (latents.to(self.device, torch.float32) * scheduler.init_noise_sigma)
+        cond = self.encode_prompts(prompts)
+        guided = guidance_scale > 1.0
+        context = torch.cat([self.encode_prompts([""] * n), cond]) if guided else cond
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents] * 2) if guided else latents
+            model_in = scheduler.scale_model_input(model_in, t).to(self.dtype)
+            out = unet(model_in, t, encoder_hidden_states=context).sample.float()
+            if guided:
+                uncond_out, cond_out = out.chunk(2)
+                out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            latents = scheduler.step(out, t, latents).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def sample(self, prompts: list[str], guidance_scale: float = 4.0, num_inference_steps: int = 20,
+               seed: int | None = 0, generator: torch.Generator | None = None, batch_size: int = 64) -> np.ndarray:
+        """Prompts -> uint8 RGB images [N, H, W, 3]. Same seed, same images."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            latents = self.sample_latents(prompts[start:start + batch_size], guidance_scale, num_inference_steps, generator)
+            images = self.decode_latents(latents)
+            out.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8))
+        size = self.image_size
+        return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+    def pipeline(self):
+        """A diffusers StableDiffusionPipeline over the same components (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.sampling_scheduler(1), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+
+    # ------------------------------------------------------------ saving
+    def save_pretrained(self, folder: str | Path, fp16: bool = False, with_tokenizer: bool = True) -> Path:
+        """Write the Stable Diffusion layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/, model_index.json).
+
+        fp16 stores the UNet and text encoder in half precision (load_base upcasts to float32); the
+        autoencoder stays float32 (it is small and decodes every image).
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        half = torch.float16 if fp16 else None
+        for name in ("unet", "text_encoder"):
+            module = getattr(self, name)
+            original = module.dtype
+            if half is not None:
+                module.to(half)
+            try:
+                module.save_pretrained(str(folder / name), safe_serialization=True)
+            finally:
+                module.to(original)
+        self.vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
+        if with_tokenizer:
+            self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        self.scheduler.save_pretrained(str(folder / "scheduler"))
+        index = {"_class_name": "StableDiffusionPipeline", "_perfusion_source": self.source,
+                 "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": [type(self.vae).__module__.split(".")[0], type(self.vae).__name__],
+                 "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                 "scheduler": ["diffusers", type(self.scheduler).__name__],
+                 "safety_checker": [None, None], "feature_extractor": [None, None]}
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return folder
+
+
+# ---------------------------------------------------------------- building and loading
+def build_embedded(seed: int = 0, image_size: int = 32) -> BaseDiffusion:
+    """A freshly initialised embedded model (the starting point of `perfusion pretrain base`)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from perfusion_ray.models.autoencoder import TinyAutoencoder
+
+    torch.manual_seed(seed)
+    if image_size % 4:
+        raise PerfusionError(f"image_size {image_size} is not a multiple of 4 (the autoencoder downsamples 4x)")
+    unet = UNet2DConditionModel(**{**EMBEDDED_UNET, "sample_size": image_size // 4})
+    text_encoder = CLIPTextModel(CLIPTextConfig(**EMBEDDED_TEXT_ENCODER))
+    vae = TinyAutoencoder(**{**EMBEDDED_VAE, "sample_size": image_size})
+    return BaseDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=fit_tokenizer(None, text_encoder),
+                         scheduler=DDIMScheduler(**EMBEDDED_SCHEDULER), source="embedded")
+
+
+def fit_tokenizer(tokenizer, text_encoder):
+    """The tokenizer (default: the real CLIP BPE one), padding to at most the text encoder's positions."""
+    if tokenizer is None:
+        from perfusion_ray.models.tokenizer import clip_tokenizer
+
+        tokenizer = copy.deepcopy(clip_tokenizer())  # the cached instance is shared: never edit it
+    positions = int(text_encoder.config.max_position_embeddings)
+    if tokenizer.model_max_length > positions:
+        tokenizer.model_max_length = positions
+    return tokenizer
+
+
+def _vae_class(folder: Path):
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError) as exc:
+        raise PerfusionError(f"{folder}/config.json is missing or unreadable ({exc})") from exc
+    if name == "TinyAutoencoder":
+        from perfusion_ray.models.autoencoder import TinyAutoencoder
+
+        return TinyAutoencoder
+    import diffusers
+
+    if not hasattr(diffusers, name):
+        raise PerfusionError(f"{folder}: unknown VAE class {name!r}", hint="expected AutoencoderKL or TinyAutoencoder")
+    return getattr(diffusers, name)
+
+
+def resolve_base_path(path: str | Path) -> Path:
+    return EMBEDDED_DIR if str(path) == "embedded" else Path(path).expanduser()
+
+
+def load_base(path: str | Path = "embedded", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+              ) -> BaseDiffusion:
+    """Load a base model from a directory in Stable Diffusion's layout ('embedded' = the shipped model).
+
+    Components are read with from_pretrained from the subfolders unet/, vae/, text_encoder/, tokenizer/
+    (optional: the CLIP BPE tokenizer otherwise) and scheduler/ (any diffusers scheduler config; sampling
+    converts it to DDIM). Weights stored in fp16 are cast to `dtype`. Returned in eval mode, frozen.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = resolve_base_path(path)
+    missing = [name for name in ("unet", "vae", "text_encoder", "scheduler") if not (folder / name).is_dir()]
+    if missing:
+        what = "the embedded base model" if str(path) == "embedded" else "a Stable Diffusion directory"
+        raise PerfusionError(
+            f"{folder} is not {what}: missing {', '.join(name + '/' for name in missing)}",
+            hint="policy.base is 'embedded' or a local folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/ "
+                 "(e.g. a Stable Diffusion 1.5 checkout); `perfusion pretrain base` rebuilds the embedded one")
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype)
+    vae = _vae_class(folder / "vae").from_pretrained(str(folder / "vae"), torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
+    tokenizer = fit_tokenizer(tokenizer, text_encoder)
+    scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), clip_sample=False)
+    base = BaseDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                         source="embedded" if folder.resolve() == EMBEDDED_DIR.resolve() else str(folder))
+    return base.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,1 @@
+"""Training loops: pretraining of the embedded models, the reward model, alignment."""

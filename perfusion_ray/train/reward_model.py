@@ -1,0 +1,219 @@
+"""`perfusion rm train`: PerFusionRM under Ray Train + DeepSpeed, group examples streamed from Ray Data.
+
+The driver reads the committed group files of the train split, holds out a validation fraction by
+request id (for early stopping), and starts a TorchTrainer. Each worker builds the model, wraps it in
+a DeepSpeed engine (ZeRO stage from config), streams its shard, and after each epoch reports the
+validation GAUC (all-reduced over workers) with a checkpoint: the engine state on every rank, plus
+the exported model directory whenever the GAUC improved. Rerunning with resume continues from the
+latest checkpoint; the best exported model is copied to <out>/model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from perfusion_ray.config import PerfusionConfig
+from perfusion_ray.data.group_examples import merchant_records, to_model_batch
+from perfusion_ray.data.store import StoreLayout
+from perfusion_ray.errors import PerfusionError
+from perfusion_ray.metrics import gauc
+from perfusion_ray.models.clip_towers import load_clip
+from perfusion_ray.models.merchant_encoder import MerchantBatch, stable_bucket
+from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
+from perfusion_ray.objectives import pairwise_logistic_loss, plackett_luce_loss
+from perfusion_ray.train.strategy import DeepSpeedStrategy
+
+RUN_NAME = "rm-train"
+VALIDATION_BUCKETS = 1000
+
+
+def is_validation(request_id: str, fraction: float) -> bool:
+    return stable_bucket(request_id, VALIDATION_BUCKETS) < fraction * VALIDATION_BUCKETS
+
+
+def model_batch_for_fold(table, store_root: str, fraction: float, validation: bool) -> dict[str, np.ndarray]:
+    """to_model_batch on the rows of one fold (train or validation), chosen by request id."""
+    keep = [is_validation(r, fraction) == validation for r in table["request_id"].to_pylist()]
+    return to_model_batch(table.filter(keep), store_root)
+
+
+def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_ids: list[str]) -> RewardModelConfig:
+    rm = config.rm
+    return RewardModelConfig(towers=rm.towers, lora_rank=rm.lora_rank, plugin=rm.plugin, cross_layers=rm.cross_layers,
+                             merchant_dim=rm.merchant_dim, id_dropout=rm.id_dropout, stat_names=stat_names,
+                             known_ids=known_ids)
+
+
+def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """Scores [B, K] of a model batch, through the engine (so ZeRO hooks run)."""
+    groups, k = batch["labels"].shape
+    merchants = MerchantBatch.from_records([r for r in merchant_records(batch) for _ in range(k)])
+    prompts = [p for p in batch["prompt"] for _ in range(k)]
+    images = batch["images"].reshape(groups * k, *batch["images"].shape[2:])
+    return engine(**model.inputs(merchants, prompts, images)).view(groups, k)
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _validation_gauc(model, engine, shard, batch_groups: int, threshold: float) -> float:
+    """Size-weighted GAUC over every worker's validation shard (sums all-reduced)."""
+    engine.eval()
+    weighted = size = 0.0
+    with torch.no_grad():
+        for batch in shard.iter_batches(batch_size=batch_groups, batch_format="numpy"):
+            scores = batch_scores(model, engine, batch).float().numpy()
+            labels = batch["labels"] > threshold
+            groups = np.repeat(np.arange(len(labels)), labels.shape[1])
+            has_both = labels.any(1) & ~labels.all(1)
+            if has_both.any():
+                weighted += gauc(scores.reshape(-1), labels.reshape(-1), groups) * has_both.sum() * labels.shape[1]
+                size += has_both.sum() * labels.shape[1]
+    weighted, size = _all_reduce([weighted, size])
+    engine.train()
+    return weighted / size if size else float("nan")
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    config = PerfusionConfig.model_validate(loop["config"])
+    rm = config.rm
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(rm.seed + rank)
+    model = PerFusionRM(load_clip(rm.clip), RewardModelConfig.model_validate(loop["model_config"]))
+    model.merchant_encoder.fit_normalisation(MerchantBatch.from_records(loop["merchants"]))
+    strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16)
+    engine = strategy.prepare(model)
+    loss_fn = plackett_luce_loss if rm.loss == "pl" else pairwise_logistic_loss
+    state = {"epoch": 0, "best_gauc": -1.0, "stale": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag="engine")
+            state = json.loads((Path(folder) / "state.json").read_text())
+    threshold = config.data.label_policy.positive_threshold
+    generator = torch.Generator().manual_seed(rm.seed * 1000 + rank)
+    train_shard, validation_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")
+    while state["epoch"] < rm.epochs and state["stale"] < rm.patience:
+        started, losses = time.perf_counter(), []
+        for batch in train_shard.iter_batches(batch_size=rm.batch_groups, batch_format="numpy"):
+            labels = torch.as_tensor(batch["labels"])
+            loss, _ = loss_fn(batch_scores(model, engine, batch), labels, generator) if rm.loss == "pl" else \
+                loss_fn(batch_scores(model, engine, batch), labels)
+            strategy.step(engine, loss)
+            losses.append(loss.item())
+        validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
+        improved = validation > state["best_gauc"]
+        state = {"epoch": state["epoch"] + 1, "best_gauc": max(validation, state["best_gauc"]),
+                 "stale": 0 if improved else state["stale"] + 1}
+        full_state = strategy.full_state_dict(engine) if improved else None  # collective under ZeRO-3
+        with tempfile.TemporaryDirectory() as folder:
+            engine.save_checkpoint(folder, tag="engine")
+            if rank == 0:
+                (Path(folder) / "state.json").write_text(json.dumps(state))
+                if improved:
+                    save_reward_model(model, Path(folder) / "model", state_dict=full_state)
+            mean_loss = float(np.mean(losses)) if losses else float("nan")
+            ray.train.report({"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation,
+                              "best_val_gauc": state["best_gauc"], "epoch_seconds": time.perf_counter() - started},
+                             checkpoint=Checkpoint.from_directory(folder))
+
+
+def _training_merchants(files: list[str], fraction: float) -> tuple[list[dict], list[str]]:
+    """Distinct training merchants (for id set and stat normalisation) and the stat names."""
+    merchants: dict[str, dict] = {}
+    for path in files:
+        table = pq.read_table(path, columns=["request_id", "merchant_id", "merchant_features", "merchant_stats"])
+        for row in table.to_pylist():
+            if not is_validation(row["request_id"], fraction):
+                merchants.setdefault(row["merchant_id"], {
+                    "merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
+                    "merchant_stats": dict(row["merchant_stats"] or [])})
+    stat_names = sorted({name for m in merchants.values() for name in m["merchant_stats"]})
+    return list(merchants.values()), stat_names
+
+
+@dataclass
+class RMTrainReport:
+    model_dir: Path
+    best_val_gauc: float
+    epochs: int
+    seconds: float
+
+
+def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrainReport:
+    """Train, early-stop and export PerFusionRM to <rm.out>/model. See the module docstring."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from perfusion_ray.runtime import init_ray, worker_env_vars
+
+    started = time.perf_counter()
+    layout = StoreLayout(config.data.root, "train")
+    files = layout.output_files("groups")
+    if not files or sum(pq.read_metadata(f).num_rows for f in files) == 0:
+        raise PerfusionError(f"no group examples under {layout.ingest}",
+                             hint="run `perfusion world simulate` and `perfusion data ingest` first")
+    rm = config.rm
+    merchants, stat_names = _training_merchants(files, rm.validation_fraction)
+    model_config = reward_model_config(config, stat_names, sorted(m["merchant_id"] for m in merchants))
+    out = Path(rm.out).absolute()
+    storage = out / "ray_results"
+    if not resume:
+        shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
+    init_ray(config.cluster)
+    read = ray.data.read_parquet(files)
+    datasets = {
+        name: read.map_batches(model_batch_for_fold, batch_format="pyarrow", fn_kwargs={
+            "store_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"})
+        for name in ("train", "validation")
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "model_config": model_config.model_dump(),
+                           "merchants": merchants},
+        scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
+                                     resources_per_worker=None if rm.use_gpu else {"CPU": config.cluster.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if rm.use_gpu else "gloo"),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_gauc",
+                                                                checkpoint_score_order="max"),
+                             failure_config=FailureConfig(max_failures=1),
+                             worker_runtime_env={"env_vars": worker_env_vars()}),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    best = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_gauc", float("-inf")))
+    with best[0].as_directory() as folder:
+        exported = Path(folder) / "model"
+        if not exported.is_dir():
+            raise PerfusionError(f"the best checkpoint {best[0].path} has no exported model")
+        target = out / "model"
+        staging = out / "model.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(exported, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    load_reward_model(target)  # the export must load on its own, or the run is not done
+    return RMTrainReport(target, float(best[1]["best_val_gauc"]), int(result.metrics.get("epoch", 0)),
+                         time.perf_counter() - started)

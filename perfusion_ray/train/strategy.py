@@ -1,0 +1,67 @@
+"""One object that hides DeepSpeed (OpenRLHF-style): build the engine, step, checkpoint, export.
+
+CPU runs use the gloo process group Ray Train creates, a torch AdamW (DeepSpeed's own Adam would
+JIT-compile ops for a minute), and the shared-memory comm op switched off; GPU runs use the same
+code with use_gpu and bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from perfusion_ray.runtime import disable_deepspeed_shm_op
+
+
+@dataclass
+class DeepSpeedStrategy:
+    zero_stage: int = 2
+    lr: float = 3e-4
+    micro_batch: int = 8
+    bf16: bool = False
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+
+    def ds_config(self, world_size: int) -> dict:
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "train_batch_size": self.micro_batch * world_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": {"stage": self.zero_stage},
+            "zero_allow_untested_optimizer": True,  # a torch optimizer: nothing to compile
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def prepare(self, model: torch.nn.Module):
+        """The DeepSpeed engine around `model`, optimizing only its trainable parameters."""
+        import deepspeed
+        import torch.distributed as dist
+
+        disable_deepspeed_shm_op()
+        if not dist.is_initialized():  # a single process outside Ray Train (tests, notebooks)
+            deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        world_size = dist.get_world_size()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(world_size))
+        return engine
+
+    @staticmethod
+    def step(engine, loss: torch.Tensor) -> None:
+        engine.backward(loss)
+        engine.step()
+
+    @staticmethod
+    def full_state_dict(engine) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer in full, on every rank (ZeRO-3 shards are gathered first)."""
+        import deepspeed
+
+        module = engine.module
+        if engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {name: tensor.detach().clone().cpu() for name, tensor in module.state_dict().items()}
+        return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
