@@ -104,27 +104,33 @@ def train_loop_per_worker(loop: dict) -> None:
     strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16)
     engine = strategy.prepare(model)
     loss_fn = plackett_luce_loss if rm.loss == "pl" else pairwise_logistic_loss
-    state = {"epoch": 0, "best_gauc": -1.0, "stale": 0}
+    state = {"epoch": 0, "best_gauc": -1.0, "stale": 0, "train_seconds": 0.0, "groups_trained": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag="engine")
             state = json.loads((Path(folder) / "state.json").read_text())
+    resumed_from = state["epoch"]
     threshold = config.data.label_policy.positive_threshold
     generator = torch.Generator().manual_seed(rm.seed * 1000 + rank)
     train_shard, validation_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")
     while state["epoch"] < rm.epochs and state["stale"] < rm.patience:
-        started, losses = time.perf_counter(), []
+        started, losses, groups_trained = time.perf_counter(), [], 0
         for batch in train_shard.iter_batches(batch_size=rm.batch_groups, batch_format="numpy"):
+            groups_trained += len(batch["labels"])
             labels = torch.as_tensor(batch["labels"])
             loss, _ = loss_fn(batch_scores(model, engine, batch), labels, generator) if rm.loss == "pl" else \
                 loss_fn(batch_scores(model, engine, batch), labels)
             strategy.step(engine, loss)
             losses.append(loss.item())
+        train_seconds = time.perf_counter() - started
+        groups_trained = int(_all_reduce([float(groups_trained)])[0])
         validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
         improved = validation > state["best_gauc"]
         state = {"epoch": state["epoch"] + 1, "best_gauc": max(validation, state["best_gauc"]),
-                 "stale": 0 if improved else state["stale"] + 1}
+                 "stale": 0 if improved else state["stale"] + 1,
+                 "train_seconds": state["train_seconds"] + train_seconds,
+                 "groups_trained": state["groups_trained"] + groups_trained}
         full_state = strategy.full_state_dict(engine) if improved else None  # collective under ZeRO-3
         with tempfile.TemporaryDirectory() as folder:
             engine.save_checkpoint(folder, tag="engine")
@@ -134,7 +140,8 @@ def train_loop_per_worker(loop: dict) -> None:
                     save_reward_model(model, Path(folder) / "model", state_dict=full_state)
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             ray.train.report({"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation,
-                              "best_val_gauc": state["best_gauc"], "epoch_seconds": time.perf_counter() - started},
+                              "best_val_gauc": state["best_gauc"], "resumed_from_epoch": resumed_from,
+                              "train_seconds": state["train_seconds"], "groups_trained": state["groups_trained"]},
                              checkpoint=Checkpoint.from_directory(folder))
 
 
@@ -156,8 +163,10 @@ def _training_merchants(files: list[str], fraction: float) -> tuple[list[dict], 
 class RMTrainReport:
     model_dir: Path
     best_val_gauc: float
-    epochs: int
+    epochs: int  # epochs completed in total
+    resumed_from_epoch: int  # epochs that were already done when this run started
     seconds: float
+    groups_per_second: float  # optimizer-loop throughput over all workers (no start-up, no validation)
 
 
 def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrainReport:
@@ -215,5 +224,6 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     load_reward_model(target)  # the export must load on its own, or the run is not done
-    return RMTrainReport(target, float(best[1]["best_val_gauc"]), int(result.metrics.get("epoch", 0)),
-                         time.perf_counter() - started)
+    return RMTrainReport(target, float(best[1]["best_val_gauc"]), int(result.metrics["epoch"]),
+                         int(result.metrics["resumed_from_epoch"]), time.perf_counter() - started,
+                         result.metrics["groups_trained"] / max(result.metrics["train_seconds"], 1e-9))

@@ -1,0 +1,88 @@
+"""Reward model throughput: training groups/s with 2 Ray Train + DeepSpeed workers against a
+single-process plain PyTorch loop on the same model and data, and scoring images/s at batch sizes
+1, 8 and 64, side by side in one run with the machine printed.
+
+    .venv/bin/python benchmarks/reward_model.py [--epochs 2]
+
+Needs ingested train groups under data.root (`./run demo` or `perfusion data ingest`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.ingest import machine
+from perfusion_ray.config import load_config
+from perfusion_ray.data.group_examples import merchant_records, read_groups, to_model_batch
+from perfusion_ray.data.store import StoreLayout
+from perfusion_ray.models.clip_towers import load_clip
+from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig
+from perfusion_ray.objectives import plackett_luce_loss
+
+
+def plain_pytorch_groups_per_second(config, epochs: int) -> float:
+    """The same model, loss and batch size in one process with torch AdamW (all threads)."""
+    layout = StoreLayout(config.data.root, "train")
+    batch = to_model_batch(read_groups(config.data.root, "train"), layout.images_uri)
+    merchants = merchant_records(batch)
+    model = PerFusionRM(load_clip(config.rm.clip), RewardModelConfig(towers=config.rm.towers, plugin=True))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.rm.lr)
+    size, k = batch["labels"].shape
+    step = config.rm.batch_groups * config.rm.num_workers  # the same global batch as the Ray run
+    started = time.perf_counter()
+    for _ in range(epochs):
+        for start in range(0, size, step):
+            part = slice(start, start + step)
+            groups = len(batch["labels"][part])
+            inputs = model.inputs(MerchantBatch.from_records([m for m in merchants[part] for _ in range(k)]),
+                                  [p for p in batch["prompt"][part] for _ in range(k)],
+                                  batch["images"][part].reshape(groups * k, 32, 32, 3))
+            loss, _ = plackett_luce_loss(model(**inputs).view(groups, k), torch.as_tensor(batch["labels"][part]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return size * epochs / (time.perf_counter() - started)
+
+
+def scoring_images_per_second(batch_size: int, images: int = 256) -> float:
+    model = PerFusionRM(load_clip(), RewardModelConfig()).eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
+    merchants = MerchantBatch(["m0"] * images, [{"region": "south"}] * images, [{}] * images)
+    prompts = ["a dark red dress"] * images
+    model.score(merchants, prompts[:8], pixels[:8])  # warm-up
+    started = time.perf_counter()
+    model.score(merchants, prompts, pixels, batch_size=batch_size)
+    return images / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("out/bench-rm"))
+    args = parser.parse_args()
+    config = load_config(None, [f"rm.out={args.out}", f"rm.epochs={args.epochs}", f"rm.patience={args.epochs}"])
+    print(f"machine: {machine()}")
+    from perfusion_ray.train.reward_model import train_reward_model
+
+    ray_report = train_reward_model(config)
+    plain = plain_pytorch_groups_per_second(config, args.epochs)
+    print(f"\nRM training, {args.epochs} epochs, {config.rm.batch_groups * config.rm.num_workers} groups per step")
+    print(f"{'':<48} {'groups/s':>9}")
+    print(f"{'Ray Train + DeepSpeed ZeRO-' + str(config.rm.zero_stage) + ', 2 workers x 0.5 CPU':<48} "
+          f"{ray_report.groups_per_second:>9.1f}")
+    print(f"{'single-process plain PyTorch loop':<48} {plain:>9.1f}")
+    print(f"ratio Ray/plain: {ray_report.groups_per_second / plain:.2f}x "
+          f"(whole Ray run incl. start-up and validation: {ray_report.seconds:.0f}s)")
+    print(f"\n{'scoring batch size':<20} {'images/s':>9}")
+    for batch_size in (1, 8, 64):
+        print(f"{batch_size:<20} {scoring_images_per_second(batch_size):>9.0f}")
+
+
+if __name__ == "__main__":
+    main()
