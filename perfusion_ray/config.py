@@ -118,17 +118,19 @@ class RMConfig(Section):
     """PerFusionRM: architecture, and training under Ray Train + DeepSpeed."""
 
     clip: str | None = Field(None, description="local CLIPModel directory for the towers; None: the embedded CLIP")
-    towers: Literal["frozen", "lora", "full"] = Field("lora", description="how the CLIP towers are tuned")
+    towers: Literal["frozen", "lora", "full"] = Field("frozen", description="how the CLIP towers are tuned")
     lora_rank: int = Field(8, ge=1)
-    plugin: bool = Field(True, description="the feature-crossing plug-in; false is the non-personalized baseline")
+    plugin: bool = Field(True, description="merchant into the plug-ins; false: they see a zero vector (the "
+                                           "non-personalized baseline, same capacity)")
     cross_layers: int = Field(2, ge=1, description="DCN-V2 cross layers per plug-in")
     merchant_dim: int = Field(64, ge=4)
-    id_dropout: float = Field(0.25, ge=0, lt=1, description="share of known ids hidden in training (cold-start path)")
+    id_dropout: float = Field(0.5, ge=0, lt=1, description="share of known ids hidden in training (cold-start path)")
     loss: Literal["pl", "pairwise"] = Field("pl", description="Plackett-Luce group ranking or all-pairs logistic")
-    lr: float = Field(1e-3, gt=0)
-    batch_groups: int = Field(32, ge=1, description="groups per optimizer step on each worker")
-    epochs: int = Field(12, ge=1)
-    patience: int = Field(3, ge=1, description="early stopping: epochs without a better validation GAUC")
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
+    epochs: int = Field(8, ge=1)
+    patience: int = Field(2, ge=1, description="early stopping: epochs without a better validation GAUC")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training groups held for early stopping")
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(2, ge=1)

@@ -45,3 +45,22 @@ def test_no_group_examples_is_a_clear_error(tiny_config, tmp_path):
     tiny_config.rm.out = str(tmp_path / "rm")
     with pytest.raises(PerfusionError, match="no group examples"):
         train_reward_model(tiny_config)
+
+
+def test_eval_writes_every_required_metric(ingested, ray_cluster, tmp_path):
+    from perfusion_ray.cli import main
+
+    simulate(ingested, "holdout", progress=False)
+    ingest(ingested, "holdout", engine="local")
+    ingested.rm.epochs = 1
+    model_dir = train_reward_model(ingested).model_dir
+    args = ["--set", f"data.root={ingested.data.root}", "--set", "world.num_merchants=12",
+            "--set", "world.items_per_combination=4", "--set", f"rm.out={ingested.rm.out}"]
+    assert main(["rm", "eval", "--model", str(model_dir), "--metrics", str(tmp_path / "m.json")] + args) == 0
+    import json
+
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for key in ("rm.gauc.seen", "rm.gauc.cold", "rm.gauc.clip_zero_shot", "rm.gauc.oracle", "rm.map.seen",
+                "rm.gauc.random", "rm.auc.seen", "rm.logloss.seen"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert metrics["rm.gauc.oracle"] > metrics["rm.gauc.random"]

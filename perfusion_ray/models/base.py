@@ -88,8 +88,10 @@ class BaseDiffusion:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BaseDiffusion":
+        # Only what was asked for: diffusers warns on every .to(dtype=...) of a ModelMixin.
+        kwargs = {key: value for key, value in (("device", device), ("dtype", dtype)) if value is not None}
         for module in self.modules().values():
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         return self
 
     def eval(self) -> "BaseDiffusion":
@@ -183,18 +185,25 @@ class BaseDiffusion:
         fp16 stores the UNet and text encoder in half precision (load_base upcasts to float32); the
         autoencoder stays float32 (it is small and decodes every image).
         """
+        from diffusers.utils import logging as diffusers_logging
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         half = torch.float16 if fp16 else None
-        for name in ("unet", "text_encoder"):
-            module = getattr(self, name)
-            original = module.dtype
-            if half is not None:
-                module.to(half)
-            try:
-                module.save_pretrained(str(folder / name), safe_serialization=True)
-            finally:
-                module.to(original)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # .to(fp16) warns about modules it need not keep in fp32
+        try:
+            for name in ("unet", "text_encoder"):
+                module = getattr(self, name)
+                original = module.dtype
+                if half is not None:
+                    module.to(half)
+                try:
+                    module.save_pretrained(str(folder / name), safe_serialization=True)
+                finally:
+                    module.to(original)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         self.vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
         if with_tokenizer:
             self.tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -286,4 +295,4 @@ def load_base(path: str | Path = "embedded", dtype: torch.dtype = torch.float32,
     scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), clip_sample=False)
     base = BaseDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                          source="embedded" if folder.resolve() == EMBEDDED_DIR.resolve() else str(folder))
-    return base.to(device=device, dtype=dtype).eval()
+    return base.to(device=device).eval()  # from_pretrained already cast every weight to dtype

@@ -46,10 +46,10 @@ def to_luminance(images: np.ndarray) -> np.ndarray:
 
 
 class FashionClassifier(ModelMixin, ConfigMixin):
-    """conv32-conv32-pool-conv64-conv64-pool-fc128-fc10 with batch norm and dropout."""
+    """conv16-conv16-pool-conv32-conv32-pool-fc128-fc10 (width 16) with batch norm and dropout."""
 
     @register_to_config
-    def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 128, dropout: float = 0.3):
+    def __init__(self, num_classes: int = 10, width: int = 16, hidden: int = 128, dropout: float = 0.3):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:

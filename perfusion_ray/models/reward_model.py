@@ -2,7 +2,8 @@
 merchant; score s(u, c, x) = logit_scale * cos(text'(c, u), image'(x, u)).
 
 Towers are frozen, LoRA-tuned or fully tuned by config. With plugin=False the same code path is the
-non-personalized baseline. A trained model is a self-contained directory (config.json +
+non-personalized baseline: the plug-ins keep their capacity but see a zero merchant vector, so the
+baseline can learn what every merchant likes, and nothing about who asks. A trained model is a self-contained directory (config.json +
 model.safetensors, no pickle) that `load_reward_model` rebuilds with one call.
 """
 
@@ -88,9 +89,11 @@ class PerFusionRM(nn.Module):
         text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         image = self.clip.get_image_features(pixel_values=pixel_values)
         text, image = getattr(text, "pooler_output", text), getattr(image, "pooler_output", image)
-        if self.config.plugin:
-            vector = self.merchant_encoder(**merchant)
-            text, image = self.text_plugin(text, vector), self.image_plugin(image, vector)
+        vector = self.merchant_encoder(**merchant)
+        if not self.config.plugin:
+            # The non-personalized baseline: the same plug-ins and capacity, blind to the merchant.
+            vector = torch.zeros_like(vector)
+        text, image = self.text_plugin(text, vector), self.image_plugin(image, vector)
         cosine = nn.functional.cosine_similarity(text, image, dim=-1)
         return self.logit_scale.exp() * cosine
 

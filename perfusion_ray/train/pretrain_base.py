@@ -63,13 +63,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--work", type=Path, default=DEFAULT_WORK, help=f"checkpoints and intermediate results (default {DEFAULT_WORK})")
     add("--fresh", action="store_true", help="ignore results already in --work and start every stage over")
     add("--seed", type=int, default=0)
-    add("--threads", type=int, default=2, help="torch threads (1 is steadier when the cores are shared)")
-    add("--classifier-epochs", type=int, default=3)
+    add("--threads", type=int, default=1,
+        help="torch threads; 1 (default) is far steadier when the cores are shared: 2 threads under contention ran 5-10x slower")
+    add("--classifier-epochs", type=int, default=4)
     add("--classifier-items", type=int, default=None, help="train on the first N train items only (smoke runs)")
-    add("--autoencoder-steps", type=int, default=1500)
+    add("--autoencoder-steps", type=int, default=2500)
     add("--autoencoder-batch", type=int, default=64)
     add("--autoencoder-lr", type=float, default=1e-3)
-    add("--unet-steps", type=int, default=3000,
+    add("--unet-steps", type=int, default=2400,
         help="total UNet steps; rerunning with a larger number continues from the checkpoint in --work")
     add("--unet-batch", type=int, default=128)
     add("--unet-lr", type=float, default=1e-3)
@@ -242,7 +243,7 @@ def train_classifier(args, train, test, work: Path, curve: Curve) -> dict:
             optimizer.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         train_seconds += time.time() - tick
         accuracy = float((model.eval().predict(test_batch.images) == test_batch.classes).mean())
         curve.add(stage="classifier", epoch=epoch + 1, step=step, train_seconds=round(train_seconds, 1),
@@ -315,7 +316,7 @@ def train_autoencoder(args, train, test, classifier, work: Path, curve: Curve):
         train_seconds += time.time() - tick
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.4f}")
+        bar.set_postfix(loss=f"{smooth:.4f}", refresh=False)
         if (step + 1) % eval_every == 0 or step + 1 == total:
             vae.eval()
             metrics = evaluate_autoencoder(vae, classifier, held_out)
@@ -518,7 +519,7 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
         train_seconds += time.time() - tick
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.4f}", min=f"{train_seconds / 60:.1f}")
+        bar.set_postfix(loss=f"{smooth:.4f}", min=f"{train_seconds / 60:.1f}", refresh=False)
         if train_seconds >= next_eval or step == total:
             next_eval = (math.floor(train_seconds / (60 * args.eval_every_minutes)) + 1) * 60 * args.eval_every_minutes
             checkpoint()

@@ -101,7 +101,8 @@ def train_loop_per_worker(loop: dict) -> None:
     torch.manual_seed(rm.seed + rank)
     model = PerFusionRM(load_clip(rm.clip), RewardModelConfig.model_validate(loop["model_config"]))
     model.merchant_encoder.fit_normalisation(MerchantBatch.from_records(loop["merchants"]))
-    strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16)
+    strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16,
+                                 weight_decay=rm.weight_decay)
     engine = strategy.prepare(model)
     loss_fn = plackett_luce_loss if rm.loss == "pl" else pairwise_logistic_loss
     state = {"epoch": 0, "best_gauc": -1.0, "stale": 0, "train_seconds": 0.0, "groups_trained": 0}
