@@ -124,3 +124,13 @@ def test_map_matches_brute_force_with_ties(seed):
     labels = rng.random(120) < 0.4
     groups = rng.integers(0, 15, 120)
     assert mean_average_precision(scores, labels, groups) == pytest.approx(_brute_map(scores, labels, groups))
+
+
+def test_plugin_off_baseline_ignores_the_merchant_but_can_still_learn():
+    baseline = PerFusionRM(load_clip(), RewardModelConfig(plugin=False)).eval()
+    torch.nn.init.normal_(baseline.image_plugin.projection.weight, std=0.1)
+    images = _images(3)
+    a = baseline.score(_merchants(3, ids=["m0"] * 3), ["a dress"] * 3, images)
+    b = baseline.score(_merchants(3, ids=["zz"] * 3, features={"region": "north"}), ["a dress"] * 3, images)
+    assert np.allclose(a, b)
+    assert any(p.requires_grad for p in baseline.image_plugin.parameters())
