@@ -55,7 +55,8 @@ def scoring_images_per_second(batch_size: int, images: int = 256) -> float:
     pixels = np.random.default_rng(0).integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
     merchants = MerchantBatch(["m0"] * images, [{"region": "south"}] * images, [{}] * images)
     prompts = ["a dark red dress"] * images
-    model.score(merchants, prompts[:8], pixels[:8])  # warm-up
+    warm = MerchantBatch(merchants.ids[:8], merchants.features[:8], merchants.stats[:8])
+    model.score(warm, prompts[:8], pixels[:8])  # the first CPU forward pays a one-off warm-up
     started = time.perf_counter()
     model.score(merchants, prompts, pixels, batch_size=batch_size)
     return images / (time.perf_counter() - started)
@@ -65,23 +66,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("out/bench-rm"))
+    parser.add_argument("--scoring-only", action="store_true", help="skip the training comparison")
     args = parser.parse_args()
+    # One thread per process, as Ray Train workers run (OMP_NUM_THREADS=1): on 2 cores shared with any other
+    # job, a 2-thread process oversubscribes and slows down several-fold.
+    torch.set_num_threads(1)
     config = load_config(None, [f"rm.out={args.out}", f"rm.epochs={args.epochs}", f"rm.patience={args.epochs}"])
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}, torch threads in this process: {torch.get_num_threads()}")
+    if not args.scoring_only:
+        compare_training(config, args.epochs)
+    print(f"\n{'scoring batch size':<20} {'images/s':>9}")
+    for batch_size in (1, 8, 64):
+        print(f"{batch_size:<20} {scoring_images_per_second(batch_size):>9.0f}")
+
+
+def compare_training(config, epochs: int) -> None:
     from perfusion_ray.train.reward_model import train_reward_model
 
     ray_report = train_reward_model(config)
-    plain = plain_pytorch_groups_per_second(config, args.epochs)
-    print(f"\nRM training, {args.epochs} epochs, {config.rm.batch_groups * config.rm.num_workers} groups per step")
+    plain = plain_pytorch_groups_per_second(config, epochs)
+    print(f"\nRM training, {epochs} epochs, {config.rm.batch_groups * config.rm.num_workers} groups per step")
     print(f"{'':<48} {'groups/s':>9}")
     print(f"{'Ray Train + DeepSpeed ZeRO-' + str(config.rm.zero_stage) + ', 2 workers x 0.5 CPU':<48} "
           f"{ray_report.groups_per_second:>9.1f}")
     print(f"{'single-process plain PyTorch loop':<48} {plain:>9.1f}")
     print(f"ratio Ray/plain: {ray_report.groups_per_second / plain:.2f}x "
           f"(whole Ray run incl. start-up and validation: {ray_report.seconds:.0f}s)")
-    print(f"\n{'scoring batch size':<20} {'images/s':>9}")
-    for batch_size in (1, 8, 64):
-        print(f"{batch_size:<20} {scoring_images_per_second(batch_size):>9.0f}")
 
 
 if __name__ == "__main__":
