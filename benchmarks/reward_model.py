@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.ingest import machine
 from perfusion_ray.config import load_config
-from perfusion_ray.data.group_examples import merchant_records, read_groups, to_model_batch
+from perfusion_ray.data.group_examples import candidate_rows, read_groups, to_model_batch
 from perfusion_ray.data.store import StoreLayout
 from perfusion_ray.models.clip_towers import load_clip
 from perfusion_ray.models.merchant_encoder import MerchantBatch
@@ -30,20 +30,18 @@ def plain_pytorch_groups_per_second(config, epochs: int) -> float:
     """The same model, loss and batch size in one process with torch AdamW (all threads)."""
     layout = StoreLayout(config.data.root, "train")
     batch = to_model_batch(read_groups(config.data.root, "train"), layout.images_uri)
-    merchants = merchant_records(batch)
     model = PerFusionRM(load_clip(config.rm.clip), RewardModelConfig(towers=config.rm.towers, plugin=True))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.rm.lr)
-    size, k = batch["labels"].shape
+    size = len(batch["labels"])
     step = config.rm.batch_groups * config.rm.num_workers  # the same global batch as the Ray run
     started = time.perf_counter()
     for _ in range(epochs):
         for start in range(0, size, step):
-            part = slice(start, start + step)
-            groups = len(batch["labels"][part])
-            inputs = model.inputs(MerchantBatch.from_records([m for m in merchants[part] for _ in range(k)]),
-                                  [p for p in batch["prompt"][part] for _ in range(k)],
-                                  batch["images"][part].reshape(groups * k, 32, 32, 3))
-            loss, _ = plackett_luce_loss(model(**inputs).view(groups, k), torch.as_tensor(batch["labels"][part]))
+            part = {name: column[start:start + step] for name, column in batch.items()}
+            merchants, prompts, images = candidate_rows(part)
+            inputs = model.inputs(MerchantBatch.from_records(merchants), prompts, images)
+            labels = torch.as_tensor(part["labels"])
+            loss, _ = plackett_luce_loss(model(**inputs).view(labels.shape), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -48,6 +48,14 @@ def merchant_records(batch: dict[str, np.ndarray]) -> list[dict]:
     return records
 
 
+def candidate_rows(batch: dict[str, np.ndarray]) -> tuple[list[dict], list[str], np.ndarray]:
+    """One row per candidate (B*K, group-major): merchant records, prompts, and images [B*K, H, W, 3]."""
+    groups, k = batch["labels"].shape
+    merchants = [record for record in merchant_records(batch) for _ in range(k)]
+    prompts = [prompt for prompt in batch["prompt"] for _ in range(k)]
+    return merchants, prompts, batch["images"].reshape(groups * k, *batch["images"].shape[2:])
+
+
 def read_groups(root: str, split: str) -> pa.Table:
     """Every committed group example of a split (for evaluation sized data; training streams instead)."""
     layout = StoreLayout(root, split)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import merchant_records, read_groups, to_model_batch
+from perfusion_ray.data.group_examples import candidate_rows, read_groups, to_model_batch
 from perfusion_ray.data.store import StoreLayout
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.metrics import auc, gauc, logloss, mean_average_precision
@@ -25,11 +25,8 @@ SUBSETS = ("seen", "cold")
 
 def score_groups(model: PerFusionRM, batch: dict[str, np.ndarray]) -> np.ndarray:
     """[G, K] scores of every candidate of every group."""
-    groups, k = batch["labels"].shape
-    merchants = MerchantBatch.from_records([r for r in merchant_records(batch) for _ in range(k)])
-    prompts = [p for p in batch["prompt"] for _ in range(k)]
-    images = batch["images"].reshape(groups * k, *batch["images"].shape[2:])
-    return model.score(merchants, prompts, images).reshape(groups, k)
+    merchants, prompts, images = candidate_rows(batch)
+    return model.score(MerchantBatch.from_records(merchants), prompts, images).reshape(batch["labels"].shape)
 
 
 def ranking_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, float]:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import merchant_records, to_model_batch
+from perfusion_ray.data.group_examples import candidate_rows, to_model_batch
 from perfusion_ray.data.store import StoreLayout
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.metrics import gauc
@@ -55,11 +55,8 @@ def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_id
 
 def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> torch.Tensor:
     """Scores [B, K] of a model batch, through the engine (so ZeRO hooks run)."""
-    groups, k = batch["labels"].shape
-    merchants = MerchantBatch.from_records([r for r in merchant_records(batch) for _ in range(k)])
-    prompts = [p for p in batch["prompt"] for _ in range(k)]
-    images = batch["images"].reshape(groups * k, *batch["images"].shape[2:])
-    return engine(**model.inputs(merchants, prompts, images)).view(groups, k)
+    merchants, prompts, images = candidate_rows(batch)
+    return engine(**model.inputs(MerchantBatch.from_records(merchants), prompts, images)).view(batch["labels"].shape)
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -104,7 +101,6 @@ def train_loop_per_worker(loop: dict) -> None:
     strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16,
                                  weight_decay=rm.weight_decay)
     engine = strategy.prepare(model)
-    loss_fn = plackett_luce_loss if rm.loss == "pl" else pairwise_logistic_loss
     state = {"epoch": 0, "best_gauc": -1.0, "stale": 0, "train_seconds": 0.0, "groups_trained": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -119,9 +115,9 @@ def train_loop_per_worker(loop: dict) -> None:
         started, losses, groups_trained = time.perf_counter(), [], 0
         for batch in train_shard.iter_batches(batch_size=rm.batch_groups, batch_format="numpy"):
             groups_trained += len(batch["labels"])
-            labels = torch.as_tensor(batch["labels"])
-            loss, _ = loss_fn(batch_scores(model, engine, batch), labels, generator) if rm.loss == "pl" else \
-                loss_fn(batch_scores(model, engine, batch), labels)
+            scores, labels = batch_scores(model, engine, batch), torch.as_tensor(batch["labels"])
+            loss, _ = plackett_luce_loss(scores, labels, generator) if rm.loss == "pl" else \
+                pairwise_logistic_loss(scores, labels)
             strategy.step(engine, loss)
             losses.append(loss.item())
         train_seconds = time.perf_counter() - started
