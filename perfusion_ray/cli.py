@@ -110,6 +110,13 @@ def cmd_pretrain_clip(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_pretrain_base(args: argparse.Namespace) -> int:
+    from perfusion_ray.train.pretrain_base import run
+
+    args.argv = sys.argv[3:]  # recorded with the weights as the reproducing command
+    return run(args)
+
+
 # ---------------------------------------------------------------- reward model
 def _baseline_config(config: PerfusionConfig) -> PerfusionConfig:
     """The non-personalized baseline: the same config and code path with the plug-in off."""
@@ -230,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omit", type=float, default=0.3, help="chance a caption leaves an attribute out")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on 2 busy cores)")
     p.set_defaults(handler=cmd_pretrain_clip)
+
+    p = pretrain.add_parser("base", parents=[common], help="the embedded base diffusion model (hours on 2 cores)")
+    from perfusion_ray.train.pretrain_base import build_parser as base_arguments  # imports no torch
+
+    base_arguments(p)
+    p.set_defaults(handler=cmd_pretrain_base)
 
     rm = commands.add_parser("rm", help="the reward model").add_subparsers(dest="action", required=True)
     p = rm.add_parser("train", parents=[common], help="PerFusionRM on Ray Train + DeepSpeed")

@@ -48,9 +48,10 @@ COMMAND = "perfusion pretrain base"
 
 # ---------------------------------------------------------------- arguments
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The arguments of `perfusion pretrain base` (added to `parser` when given)."""
-    from perfusion_ray.models.base import EMBEDDED_DIR
+    """The arguments of `perfusion pretrain base` (added to `parser` when given). Imports no torch."""
+    from perfusion_ray.config import REPO_ROOT
 
+    EMBEDDED_DIR = REPO_ROOT / "assets" / "embedded_base"  # noqa: N806 (models.base.EMBEDDED_DIR, without torch)
     if parser is None:
         parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
         parser.add_argument("--config", type=Path, default=None, help="YAML config (default fashionworld.yaml)")
@@ -299,7 +300,7 @@ def train_autoencoder(args, train, test, classifier, work: Path, curve: Curve):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.autoencoder_lr, weight_decay=0.0)
     held_out = test.batch(np.random.default_rng([args.seed, 12]), 1000)
     total = args.autoencoder_steps
-    eval_every = max(1, total // 6)
+    eval_every = max(1, math.ceil(total / 6))
     bar = _progress(total, 0, "autoencoder")
     train_seconds, started, smooth = 0.0, time.time(), None
     for step in range(total):
@@ -638,7 +639,11 @@ def run(args: argparse.Namespace) -> int:
     test = WorldStream(test_set.images, test_set.labels, size, omit, args.empty_prompt_prob)
     args.work.mkdir(parents=True, exist_ok=True)
     curve = Curve(args.work / "curve.json")
-    command = " ".join([COMMAND] + [shlex.quote(a) for a in getattr(args, "argv", [])])
+    argv = getattr(args, "argv", None)
+    if argv is None:  # wired into the `perfusion` parser: the words after `pretrain base`
+        argv = sys.argv[1:]
+        argv = argv[2:] if argv[:2] == ["pretrain", "base"] else []
+    command = " ".join([COMMAND] + [shlex.quote(a) for a in argv])
     _log(f"pretrain base: stage {args.stage}, work {args.work}, out {args.out}, {args.threads} torch thread(s)")
 
     stages = {"all": ("classifier", "autoencoder", "unet"), "classifier": ("classifier",),
