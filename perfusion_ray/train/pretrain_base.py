@@ -27,6 +27,7 @@ all-reduce buy nothing for a 4M-parameter model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -627,10 +628,8 @@ def run(args: argparse.Namespace) -> int:
         _apply_quick(args)
     config = load_config(getattr(args, "config", None), getattr(args, "set", []) or [])
     torch.set_num_threads(max(1, args.threads))
-    try:
+    with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
     fashion_dir = config.resolve_input(config.world.fashion_mnist_dir) if config.world.fashion_mnist_dir else None
     size = config.world.image_size
     omit = config.world.omit.model_dump()
