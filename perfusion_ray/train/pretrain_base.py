@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -79,6 +78,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add("--ema-decay", type=float, default=0.999)
     add("--empty-prompt-prob", type=float, default=0.1, help="share of empty prompts (classifier-free guidance)")
     add("--eval-every-minutes", type=float, default=5.0, help="training minutes between points of the curve")
+    add("--checkpoint-every-minutes", type=float, default=2.0,
+        help="training minutes between UNet checkpoints in --work (a killed run resumes from the last one)")
     add("--curve-samples", type=int, default=80, help="images per point of the curve")
     add("--eval-samples", type=int, default=200, help="images of the final evaluation (and as many for spread)")
     add("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the evaluations")
@@ -224,7 +225,8 @@ def train_classifier(args, train, test, work: Path, curve: Curve) -> dict:
     total = args.classifier_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     test_rng = np.random.default_rng([args.seed, 11])
-    test_batch = test.batch(test_rng, 0, indices=np.arange(len(test.labels)))
+    test_items = np.arange(1000 if args.quick else len(test.labels))  # quick: smoke runs measure nothing
+    test_batch = test.batch(test_rng, 0, indices=test_items)
     bar = _progress(total, 0, "classifier")
     step = 0
     for epoch in range(args.classifier_epochs):
@@ -254,10 +256,10 @@ def train_classifier(args, train, test, work: Path, curve: Curve) -> dict:
              f"({train_seconds / 60:.1f} min)")
     bar.close()
     model.eval()
-    grey = np.repeat(test.images[:, :, :, None], 3, axis=3)
+    grey = np.repeat(test.images[test_items, :, :, None], 3, axis=3)
     grey = np.pad(grey, ((0, 0), (2, 2), (2, 2), (0, 0))) if test.image_size == 32 else grey
     metrics = {"test_accuracy_colourised": accuracy,
-               "test_accuracy_grey": float((model.predict(grey) == test.labels).mean()),
+               "test_accuracy_grey": float((model.predict(grey) == test.labels[test_items]).mean()),
                "train_seconds": round(train_seconds, 1), "wall_seconds": round(time.time() - started, 1),
                "epochs": args.classifier_epochs, "train_items": items}
     model.save_pretrained(str(folder), safe_serialization=True)
@@ -299,7 +301,7 @@ def train_autoencoder(args, train, test, classifier, work: Path, curve: Curve):
     torch.manual_seed(args.seed)
     vae = TinyAutoencoder(**{**EMBEDDED_VAE, "sample_size": train.image_size})
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.autoencoder_lr, weight_decay=0.0)
-    held_out = test.batch(np.random.default_rng([args.seed, 12]), 1000)
+    held_out = test.batch(np.random.default_rng([args.seed, 12]), 200 if args.quick else 1000)
     total = args.autoencoder_steps
     eval_every = max(1, math.ceil(total / 6))
     bar = _progress(total, 0, "autoencoder")
@@ -489,6 +491,7 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
     bar = _progress(total, step, "unet")
     smooth = None
     next_eval = (math.floor(train_seconds / (60 * args.eval_every_minutes)) + 1) * 60 * args.eval_every_minutes
+    last_checkpoint = train_seconds
     if step == 0:
         evaluate()
     unet.train()
@@ -526,6 +529,10 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
             next_eval = (math.floor(train_seconds / (60 * args.eval_every_minutes)) + 1) * 60 * args.eval_every_minutes
             checkpoint()
             evaluate()
+            last_checkpoint = train_seconds
+        elif train_seconds - last_checkpoint >= 60 * args.checkpoint_every_minutes:
+            checkpoint()
+            last_checkpoint = train_seconds
     bar.close()
     checkpoint()
     return ema, {"steps": step, "batch": args.unet_batch, "train_seconds": round(train_seconds, 1)}
