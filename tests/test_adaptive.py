@@ -14,7 +14,7 @@ from perfusion_ray.models.merchant_encoder import MerchantBatch
 @pytest.fixture(scope="module")
 def personalized():
     torch.manual_seed(0)
-    return PersonalizedUNet(load_base("embedded").unet, stat_names=("price_level",))
+    return PersonalizedUNet.from_unet(load_base("embedded").unet, stat_names=("price_level",))
 
 
 def _inputs(model, batch: int = 3):
@@ -42,19 +42,20 @@ def test_only_the_branch_trains(personalized):
     assert trainable and not any(name.startswith("unet.") for name in trainable)
     assert any("lora_" in name for name in trainable)
     assert any("controlnet_down_blocks" in name for name in trainable)
-    assert any(name.startswith("merchant_encoder.") for name in trainable)
-    frozen_copy = [name for name, p in personalized.controlnet.named_parameters()
+    assert any(name.startswith("adapter.merchant_encoder.") for name in trainable)
+    frozen_copy = [name for name, p in personalized.adapter.controlnet.named_parameters()
                    if not p.requires_grad and "lora_" not in name and ".base_layer." in name]
     assert frozen_copy  # the copied attention weights themselves stay frozen under LoRA
 
 
 def test_trained_joins_move_outputs_per_merchant(personalized):
     sample, timestep, hidden, _ = _inputs(personalized)
-    trained = PersonalizedUNet(personalized.unet, stat_names=("price_level",)).eval()  # no id dropout
+    trained = PersonalizedUNet.from_unet(personalized.unet, stat_names=("price_level",)).eval()  # no id dropout
     trained.merchant_encoder.known_ids = {"a", "b"}
     with torch.no_grad():
         # Stand-ins for trained zero convolutions: the joins, and the conditioning embedding's output.
-        for block in [*trained.controlnet.controlnet_down_blocks, trained.controlnet.controlnet_cond_embedding.conv_out]:
+        controlnet = trained.adapter.controlnet
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_cond_embedding.conv_out]:
             torch.nn.init.normal_(block.weight, std=0.02)
 
         def predict(merchant_id: str, region: str) -> torch.Tensor:

@@ -7,39 +7,87 @@ outputs far more this way than by appending the vector as extra cross-attention 
 the choice open.) The copy carries LoRA adapters (peft) on its attention projections; its zero
 convolutions, conditioning embedding and the merchant modules train in full; the base UNet is frozen.
 
+Two objects: `PersonalizedAdapter` is everything trainable (a diffusers ModelMixin, saved and loaded on
+its own: config.json + safetensors, LoRA included); `PersonalizedUNet` joins it to the frozen base UNet.
 The reference model is the same network with the branch switched off (`branch=False`): no second copy
 in memory. At initialisation the zero joins make the personalized output equal the base output exactly.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from diffusers import ControlNetModel
+from diffusers import ConfigMixin, ControlNetModel, ModelMixin
 from torch import nn
 
-from perfusion_ray.models.merchant_encoder import MerchantEncoder
+from perfusion_ray.errors import PerfusionError
+from perfusion_ray.models.merchant_encoder import MerchantBatch, MerchantEncoder
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The branch's parts that train in full next to its LoRA matrices (names inside ControlNetModel).
 FULLY_TRAINED = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-class PersonalizedUNet(nn.Module):
-    def __init__(self, unet, merchant_dim: int = 64, condition_channels: int = 8, lora_rank: int = 8,
-                 stat_names: tuple[str, ...] = ()):
+class PersonalizedAdapter(ModelMixin, ConfigMixin):
+    """The trainable branch: merchant encoder -> conditioning map -> ControlNet copy with LoRA.
+
+    Built from a base UNet with `from_unet` (the copy starts as the base encoder), or from its own
+    config (then the weights come from a saved adapter). Config keys must not shadow submodule names:
+    diffusers resolves attributes from the config first.
+    """
+
+    config_name = "config.json"
+
+    def __init__(self, controlnet_config: dict, merchant_dim: int = 64, condition_channels: int = 8, lora_rank: int = 8,
+                 stat_names: tuple[str, ...] | list[str] = (), known_ids: list[str] | tuple[str, ...] = (),
+                 id_dropout: float = 0.25, lora: bool = True):
         super().__init__()
+        self.register_to_config(controlnet_config=dict(controlnet_config), merchant_dim=merchant_dim,
+                                condition_channels=condition_channels, lora_rank=lora_rank,
+                                stat_names=list(stat_names), known_ids=sorted(known_ids), id_dropout=id_dropout,
+                                lora=lora)
+        self.controlnet = ControlNetModel.from_config(dict(controlnet_config))
+        self.merchant_encoder = MerchantEncoder(merchant_dim, stat_names=tuple(stat_names), id_dropout=id_dropout)
+        self.merchant_encoder.known_ids = set(known_ids)
+        self.condition = nn.Linear(merchant_dim, condition_channels)
+        if lora:
+            self._attach_lora()
+
+    def _attach_lora(self) -> None:
         from peft import LoraConfig
 
-        self.unet = unet.requires_grad_(False)
-        self.controlnet = ControlNetModel.from_unet(unet, conditioning_channels=condition_channels,
-                                                    conditioning_embedding_out_channels=(16,))
         self.controlnet.requires_grad_(False)
-        self.controlnet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS))
+        self.controlnet.add_adapter(LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_rank,
+                                               target_modules=LORA_TARGETS))
         for name, parameter in self.controlnet.named_parameters():
             if "lora_" in name or name.startswith(FULLY_TRAINED):
                 parameter.requires_grad_(True)
-        self.merchant_encoder = MerchantEncoder(merchant_dim, stat_names=stat_names)
-        self.condition = nn.Linear(merchant_dim, condition_channels)
+
+    @classmethod
+    def from_unet(cls, unet, merchant_dim: int = 64, condition_channels: int = 8, lora_rank: int = 8,
+                  stat_names: tuple[str, ...] = (), known_ids: tuple[str, ...] = (), id_dropout: float = 0.25
+                  ) -> "PersonalizedAdapter":
+        """A fresh adapter whose ControlNet copy starts as the base UNet's encoder (joins at zero)."""
+        copy = ControlNetModel.from_unet(unet, conditioning_channels=condition_channels,
+                                         conditioning_embedding_out_channels=(16,))
+        adapter = cls(dict(copy.config), merchant_dim, condition_channels, lora_rank, stat_names, known_ids,
+                      id_dropout, lora=False)
+        adapter.controlnet.load_state_dict(copy.state_dict())
+        adapter._attach_lora()
+        adapter.register_to_config(lora=True)
+        return adapter
+
+    # ------------------------------------------------------------ merchants
+    def featurize(self, merchants: MerchantBatch) -> dict[str, torch.Tensor]:
+        return self.merchant_encoder.featurize(merchants)
+
+    def fit_merchants(self, merchants: MerchantBatch) -> None:
+        """Remember the training merchants (known ids, stat scale): others take the cold-start path."""
+        self.merchant_encoder.fit_normalisation(merchants)
+        self.register_to_config(known_ids=sorted(self.merchant_encoder.known_ids))
 
     def condition_map(self, merchant: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
         """The merchant as a (B, C, H, W) conditioning image at the latent's spatial size."""
@@ -47,13 +95,71 @@ class PersonalizedUNet(nn.Module):
         return vector[:, :, None, None].expand(-1, -1, *sample.shape[-2:]).to(sample.dtype)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                merchant: dict[str, torch.Tensor] | None = None, branch: bool = True) -> torch.Tensor:
+                merchant: dict[str, torch.Tensor], conditioning_scale: float = 1.0):
+        """The residuals the branch adds to the base UNet: (down block residuals, mid block residual)."""
+        return self.controlnet(sample, timestep, encoder_hidden_states,
+                               controlnet_cond=self.condition_map(merchant, sample),
+                               conditioning_scale=conditioning_scale, return_dict=False)
+
+    # ------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | Path, state_dict: dict | None = None, **_) -> None:
+        """config.json + safetensors, LoRA matrices included (diffusers' own save would drop the peft
+        layers' meaning on reload, STACK.md). `state_dict` lets ZeRO-3 callers pass gathered weights."""
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+        save_file(tensors, str(folder / (ADAPTER_WEIGHTS + ".tmp")), metadata={"format": "pt"})
+        (folder / (ADAPTER_WEIGHTS + ".tmp")).replace(folder / ADAPTER_WEIGHTS)
+        self.save_config(str(folder))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, torch_dtype: torch.dtype | None = None,
+                        **_) -> "PersonalizedAdapter":
+        from safetensors.torch import load_file
+
+        folder = Path(pretrained_model_name_or_path)
+        for name in (cls.config_name, ADAPTER_WEIGHTS):
+            if not (folder / name).is_file():
+                raise PerfusionError(f"adapter directory {folder} is missing {name}",
+                                     hint="export one with `perfusion align train` or PerFusionPipeline.save_pretrained")
+        config = json.loads((folder / cls.config_name).read_text())
+        init = {key: value for key, value in config.items() if not key.startswith("_")}
+        adapter = cls(**init)
+        missing, unexpected = adapter.load_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)), strict=False)
+        if missing or unexpected:
+            raise PerfusionError(f"{folder / ADAPTER_WEIGHTS} does not match its config: "
+                                 f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if torch_dtype is not None:
+            adapter.to(torch_dtype)
+        return adapter.eval()
+
+
+class PersonalizedUNet(nn.Module):
+    """The policy: frozen base UNet + the adapter's residuals. branch=False is the reference."""
+
+    def __init__(self, unet, adapter: PersonalizedAdapter):
+        super().__init__()
+        self.unet = unet.requires_grad_(False)
+        self.adapter = adapter
+
+    @classmethod
+    def from_unet(cls, unet, **adapter_options) -> "PersonalizedUNet":
+        return cls(unet, PersonalizedAdapter.from_unet(unet, **adapter_options))
+
+    @property
+    def merchant_encoder(self) -> MerchantEncoder:
+        return self.adapter.merchant_encoder
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                merchant: dict[str, torch.Tensor] | None = None, branch: bool = True,
+                conditioning_scale: float = 1.0) -> torch.Tensor:
         """Noise (or v) prediction. branch=False, or no merchant, is the frozen base: the reference."""
         if not branch or merchant is None:
             return self.unet(sample, timestep, encoder_hidden_states).sample
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states,
-                                    controlnet_cond=self.condition_map(merchant, sample),
-                                    conditioning_scale=1.0, return_dict=False)
+        down, mid = self.adapter(sample, timestep, encoder_hidden_states, merchant, conditioning_scale)
         return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
 

@@ -129,45 +129,20 @@ class BaseDiffusion:
 
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample_latents(self, prompts: list[str], guidance_scale: float = 4.0, num_inference_steps: int = 20,
-                       generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                       unet: Any = None) -> torch.Tensor:
-        """DDIM with classifier-free guidance (the empty prompt as unconditional); scaled latents out.
-
-        `unet` overrides the base UNet (a personalized network with the same call signature).
-        """
-        unet = unet or self.unet
-        n = len(prompts)
-        scheduler = self.sampling_scheduler(num_inference_steps)
-        if latents is None:
-            latents = torch.randn((n, *self.latent_shape), generator=generator, dtype=torch.float32)
-        latents = (latents.to(self.device, torch.float32) * scheduler.init_noise_sigma)
-        cond = self.encode_prompts(prompts)
-        guided = guidance_scale > 1.0
-        context = torch.cat([self.encode_prompts([""] * n), cond]) if guided else cond
-        for t in scheduler.timesteps:
-            model_in = torch.cat([latents] * 2) if guided else latents
-            model_in = scheduler.scale_model_input(model_in, t).to(self.dtype)
-            out = unet(model_in, t, encoder_hidden_states=context).sample.float()
-            if guided:
-                uncond_out, cond_out = out.chunk(2)
-                out = uncond_out + guidance_scale * (cond_out - uncond_out)
-            latents = scheduler.step(out, t, latents).prev_sample
-        return latents
-
-    @torch.no_grad()
     def sample(self, prompts: list[str], guidance_scale: float = 4.0, num_inference_steps: int = 20,
                seed: int | None = 0, generator: torch.Generator | None = None, batch_size: int = 64) -> np.ndarray:
-        """Prompts -> uint8 RGB images [N, H, W, 3]. Same seed, same images."""
+        """Prompts -> uint8 RGB images [N, H, W, 3]. Same seed, same images (PerFusionPipeline, no merchant)."""
+        from perfusion_ray.models.pipeline import PerFusionPipeline
+
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            latents = self.sample_latents(prompts[start:start + batch_size], guidance_scale, num_inference_steps, generator)
-            images = self.decode_latents(latents)
-            out.append((images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8))
-        size = self.image_size
-        return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+        if not prompts:
+            size = self.image_size
+            return np.zeros((0, size, size, 3), np.uint8)
+        return PerFusionPipeline.from_base(self)(list(prompts), guidance_scale=guidance_scale,
+                                                 num_inference_steps=num_inference_steps, generator=generator,
+                                                 output_type="np", batch_size=batch_size,
+                                                 allow_empty_prompt=True).images
 
     def pipeline(self):
         """A diffusers StableDiffusionPipeline over the same components (no safety checker)."""

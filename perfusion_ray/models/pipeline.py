@@ -1,0 +1,158 @@
+"""PerFusionPipeline: a diffusers DiffusionPipeline over the frozen base model and the personalized adapter.
+
+    pipe = PerFusionPipeline.from_pretrained("out/align/pipeline")
+    images = pipe("a dress", merchant={"merchant_id": "m007", "merchant_features": {...}},
+                  num_images_per_prompt=4, generator=torch.Generator().manual_seed(0)).images
+
+`merchant` is one merchant for every prompt, or one per prompt (merchants share a batch: the merchant is
+per-sample conditioning, not a separate model). An id the adapter was not trained on takes the
+cold-start path (side features only). No merchant, or no adapter, is the base model exactly.
+Sampling is DDIM with classifier-free guidance; the branch conditions both the unconditional and the
+text-conditioned half, so guidance amplifies the prompt and not the merchant's shift.
+save_pretrained / from_pretrained round-trip the whole pipeline (adapter/ holds the branch with its
+LoRA matrices; models/adaptive.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from perfusion_ray.models.adaptive import PersonalizedAdapter, PersonalizedUNet
+from perfusion_ray.models.base import BaseDiffusion, fit_tokenizer
+from perfusion_ray.models.merchant_encoder import MerchantBatch
+
+MerchantInput = dict | list[dict] | MerchantBatch | None
+
+
+@dataclass
+class PerFusionPipelineOutput(BaseOutput):
+    images: Any  # list of PIL images, uint8 array [N, H, W, 3], or latents, by output_type
+
+
+class PerFusionPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->adapter->unet->vae"
+    _optional_components = ["adapter"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter: PersonalizedAdapter | None = None):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=fit_tokenizer(tokenizer, text_encoder),
+                              unet=unet, scheduler=scheduler, adapter=adapter)
+
+    @classmethod
+    def from_base(cls, base: BaseDiffusion, adapter: PersonalizedAdapter | None = None) -> "PerFusionPipeline":
+        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, adapter)
+
+    @property
+    def base(self) -> BaseDiffusion:
+        """The frozen base model's components (prompt and image encoding, the sampling schedule)."""
+        return BaseDiffusion(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+
+    # ------------------------------------------------------------ inputs
+    @staticmethod
+    def _prompts(prompt: str | list[str], allow_empty: bool) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty: give a string or a non-empty list of strings")
+        blank = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not (p.strip() or allow_empty)]
+        if blank:
+            raise ValueError(f"prompt {blank[0]} is empty or not a string: describe the item to generate")
+        return prompts
+
+    @staticmethod
+    def _merchants(merchant: MerchantInput, count: int) -> MerchantBatch | None:
+        if merchant is None:
+            return None
+        if isinstance(merchant, MerchantBatch):
+            batch = merchant
+        else:
+            records = [merchant] if isinstance(merchant, dict) else list(merchant)
+            batch = MerchantBatch.from_records(records)
+        if len(batch) == 1 and count > 1:
+            batch = MerchantBatch(batch.ids * count, batch.features * count, batch.stats * count)
+        if len(batch) != count:
+            raise ValueError(f"{len(batch)} merchants for {count} prompts: give one merchant, or one per prompt")
+        return batch
+
+    # ------------------------------------------------------------ sampling
+    def denoiser(self, merchants: MerchantBatch | None, guided: bool):
+        """(latents, t, context) -> model output, with the branch on for these merchants (if any)."""
+        if merchants is None or self.adapter is None:
+            return lambda sample, t, context: self.unet(sample, t, context).sample
+        policy = PersonalizedUNet(self.unet, self.adapter)
+        features = self.adapter.featurize(merchants)
+        if guided:
+            features = {name: torch.cat([value, value]) for name, value in features.items()}
+        return lambda sample, t, context: policy(sample, t, context, merchant=features)
+
+    @torch.no_grad()
+    def sample_latents(self, prompts: list[str], merchants: MerchantBatch | None, guidance_scale: float,
+                       num_inference_steps: int, generator: torch.Generator | None, latents: torch.Tensor | None
+                       ) -> torch.Tensor:
+        base = self.base
+        n = len(prompts)
+        scheduler = base.sampling_scheduler(num_inference_steps)
+        if latents is None:
+            latents = torch.randn((n, *base.latent_shape), generator=generator, dtype=torch.float32)
+        latents = latents.to(base.device, torch.float32) * scheduler.init_noise_sigma
+        guided = guidance_scale > 1.0
+        cond = base.encode_prompts(prompts)
+        context = torch.cat([base.encode_prompts([""] * n), cond]) if guided else cond
+        denoise = self.denoiser(merchants, guided)
+        for t in scheduler.timesteps:
+            model_in = torch.cat([latents] * 2) if guided else latents
+            model_in = scheduler.scale_model_input(model_in, t).to(base.dtype)
+            out = denoise(model_in, t, context).float()
+            if guided:
+                uncond_out, cond_out = out.chunk(2)
+                out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            latents = scheduler.step(out, t, latents).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], merchant: MerchantInput = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, num_inference_steps: int = 20, guidance_scale: float = 4.0,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", batch_size: int = 64,
+                 return_dict: bool = True, allow_empty_prompt: bool = False):
+        """Images for each prompt (prompt-major: K images of prompt 0, then prompt 1, ...).
+
+        An empty prompt is an error unless allow_empty_prompt (then it is an unconditional sample).
+        `latents` [N*K, C, h, w] fixes the starting noise (same noise, same image: base vs aligned
+        comparisons use it); otherwise `generator` draws it batch by batch.
+        """
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        prompts = self._prompts(prompt, allow_empty_prompt)
+        merchants = self._merchants(merchant, len(prompts))
+        k = num_images_per_prompt
+        prompts = [p for p in prompts for _ in range(k)]
+        if merchants is not None:
+            merchants = MerchantBatch([i for i in merchants.ids for _ in range(k)],
+                                      [f for f in merchants.features for _ in range(k)],
+                                      [s for s in merchants.stats for _ in range(k)])
+        if latents is not None and latents.shape[0] != len(prompts):
+            raise ValueError(f"latents has {latents.shape[0]} rows for {len(prompts)} images")
+        outputs = []
+        for start in self.progress_bar(range(0, len(prompts), batch_size)) if len(prompts) > batch_size else \
+                range(0, len(prompts), batch_size):
+            end = start + batch_size
+            chunk = MerchantBatch(merchants.ids[start:end], merchants.features[start:end], merchants.stats[start:end]) \
+                if merchants is not None else None
+            outputs.append(self.sample_latents(prompts[start:end], chunk, guidance_scale, num_inference_steps,
+                                               generator, None if latents is None else latents[start:end]))
+        result = torch.cat(outputs)
+        if output_type != "latent":
+            images = self.base.decode_latents(result)
+            result = (images.permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+            if output_type == "pil":
+                from PIL import Image
+
+                result = [Image.fromarray(image) for image in result]
+        return PerFusionPipelineOutput(images=result) if return_dict else (result,)
