@@ -162,14 +162,49 @@ class AlignConfig(Section):
 
 
 class ServeConfig(Section):
-    """The reward and design endpoints."""
+    """The reward endpoint on Ray Serve (perfusion_ray/serve/): where it binds, what it accepts, how it
+    batches and scales. One HTTP proxy per cluster, so host/port/token are shared by every app on it."""
 
-    host: str = Field("127.0.0.1", description="bind address; anything but loopback needs a bearer token")
+    host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs a bearer token")
     port: int = Field(8000, ge=1, le=65535)
-    bearer_token: str | None = None
-    max_batch_size: int = Field(32, ge=1)
+    bearer_token: str | None = Field(None, description="required for /v1/* when set; prefer bearer_token_env "
+                                                       "over writing a secret into a config file")
+    bearer_token_env: str = Field("PERFUSION_SERVE_TOKEN", description="environment variable read for the token "
+                                                                       "when bearer_token is unset")
+    app_name: str = Field("reward", min_length=1, description="Serve application name (handles look it up)")
+    route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the application")
+    model_dir: str | None = Field(None, description="RM directory served first; None: <rm.out>/model")
+    # What one request may carry.
+    max_images_per_request: int = Field(64, ge=1, description="more images in one request answer 422")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="larger request bodies answer 413")
+    max_image_side: int = Field(1024, ge=1, description="decoded images wider or taller are refused (decompression "
+                                                         "bombs), whatever image_policy says")
+    image_policy: Literal["convert", "refuse"] = Field(
+        "convert", description="an image of another size or mode than the RM's (RGB, rm image size): convert "
+                               "(to RGB, resized) or refuse with 422")
+    # Batching: @serve.batch counts images, not requests, so a batch is at most max_batch_size images.
+    max_batch_size: int = Field(64, ge=1, description="images per batched forward pass in a replica")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill after its first request")
+    # Replicas and autoscaling (Serve's autoscaling_config).
+    replica_cpus: float = Field(0.5, gt=0, description="logical CPUs per replica (fractional on small machines)")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica (queued for a batch "
+                                                           "or scoring); Serve's default of 5 starves batching")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling aims at this many in flight per replica")
+    upscale_delay_s: float = Field(2.0, ge=0, description="sustained load this long before adding a replica")
+    downscale_delay_s: float = Field(15.0, ge=0, description="sustained low load this long before removing one")
+    look_back_period_s: float = Field(12.0, gt=0, description="window the autoscaler averages ongoing requests over; "
+                                                             "Serve wants it above its 10 s metrics push interval")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.max_images_per_request > self.max_batch_size:
+            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) exceeds max_batch_size "
+                             f"({self.max_batch_size}): one request must fit one batch")
+        return self
 
 
 class ClusterConfig(Section):

@@ -1,0 +1,17 @@
+"""The reward model as a Ray Serve application.
+
+One module per concern:
+  schemas.py     the request/response contract (pydantic, unknown fields refused) and typed results
+  images.py      base64 PNG -> RGB arrays, with the configured size/mode policy
+  security.py    loopback binding and bearer tokens
+  model_store.py loading an RM directory with the version every score carries
+  deployment.py  the Serve deployment: @serve.batch scoring, FastAPI routes, in-place reconfigure
+  reward_app.py  build_app(args) for `serve run`/`serve deploy`, the declarative config, deploy and roll out
+  client.py      RewardClient (HTTP) and RewardHandleClient (DeploymentHandle), one signature
+
+Nothing here imports ray or torch at package import time.
+"""
+
+from perfusion_ray.serve.schemas import Merchant, RewardRequestError, ScoreResult
+
+__all__ = ["Merchant", "RewardRequestError", "ScoreResult"]

@@ -1,0 +1,220 @@
+"""The reward model as one Serve deployment: FastAPI routes for HTTP, plain methods for handles.
+
+  POST /v1/score   {merchant_id?, merchant_features?, merchant_stats?, prompt, images: [base64 PNG]}
+                   -> {scores: [float], model_version, merchant_path}
+  GET  /v1/version -> {model_version, model_dir, image_size}
+  GET  /healthz    -> {status: "ok"} (open even when a token is set)
+  handle.score.remote(prompt, images, merchant_fields) and handle.version.remote() for in-cluster callers.
+
+Requests from both paths meet in one @serve.batch queue that counts images (not requests), so a batched
+forward pass holds at most serve.max_batch_size images from however many requests. The forward pass
+runs in a worker thread, so the event loop keeps reading and decoding the next requests meanwhile.
+
+A new RM version arrives as a new user_config ({model_dir, ...}); Serve calls reconfigure() on the
+running replicas in place, which loads the new directory beside the old one and swaps a single
+reference. A batch scores with the model it started with and returns that model's version, so no
+request fails and every score names the version that produced it.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+
+from perfusion_ray.serve.images import array_images, decode_images
+from perfusion_ray.serve.model_store import ServedModel, load_served_model
+from perfusion_ray.serve.schemas import (MerchantFields, RewardRequestError, ScoreRequest, describe_validation_error,
+                                         reject)
+from perfusion_ray.serve.security import authorized, check_bind
+
+logger = logging.getLogger("ray.serve")
+DEPLOYMENT_NAME = "RewardModel"
+
+api = FastAPI(title="PerFusion reward model", description=__doc__.splitlines()[0])
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may carry and how batches form (from ServeConfig)."""
+
+    max_images_per_request: int = 64
+    max_body_bytes: int = 4 * 2**20
+    max_image_side: int = 1024
+    image_policy: str = "convert"
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.005
+
+
+@dataclass
+class _Job:
+    """One request's rows, queued for a batch."""
+
+    merchant: MerchantFields
+    images: np.ndarray
+
+
+def _images_in(jobs: list[_Job]) -> int:
+    return sum(len(job.images) for job in jobs)
+
+
+def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxies bind, as the controller knows it."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    config = ray.get(_get_global_client()._controller.get_http_config.remote())
+    return config.host
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class RewardModel:
+    def __init__(self, limits: dict, bearer_token: str | None = None):
+        import torch
+
+        torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
+        self.limits = RequestLimits(**limits)
+        self.token = bearer_token
+        # Refuse to serve on a non-loopback proxy without a token, however the app was deployed
+        # (`perfusion serve` checks before binding; `serve run`/`serve deploy` bind first).
+        check_bind(_proxy_host(), self.token)
+        self._served: ServedModel | None = None
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="rm-score")
+
+    # ------------------------------------------------------------ model versions
+    async def reconfigure(self, user_config: dict) -> None:
+        """{model_dir, max_batch_size?, batch_wait_timeout_s?, revision?}: load, then swap in one assignment.
+        `revision` is free-form: change it to reload a directory whose content was replaced in place."""
+        unknown = set(user_config) - {"model_dir", "max_batch_size", "batch_wait_timeout_s", "revision"}
+        if unknown or "model_dir" not in user_config:
+            raise ValueError(f"user_config needs model_dir and takes max_batch_size, batch_wait_timeout_s, revision; "
+                             f"got {sorted(user_config)}")
+        served = await asyncio.to_thread(load_served_model, user_config["model_dir"])
+        previous, self._served = self._served, served
+        self._score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.limits.max_batch_size)))
+        self._score_batch.set_batch_wait_timeout_s(
+            float(user_config.get("batch_wait_timeout_s", self.limits.batch_wait_timeout_s)))
+        logger.info("reward model %s -> %s (%s)", previous.version if previous else None, served.version,
+                    served.model_dir)
+
+    def check_health(self) -> None:
+        if self._served is None:
+            raise RuntimeError("no reward model loaded")
+
+    # ------------------------------------------------------------ batched scoring
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def _score_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray, ServedModel]]:
+        from perfusion_ray.models.merchant_encoder import MerchantBatch
+
+        served = self._served  # the whole batch uses, and reports, this one model
+        ids, features, stats, prompts = [], [], [], []
+        for job in jobs:
+            n = len(job.images)
+            ids += [job.merchant.merchant_id or ""] * n
+            features += [job.merchant.merchant_features] * n
+            stats += [job.merchant.merchant_stats] * n
+            prompts += [job.merchant.prompt] * n
+        images = np.concatenate([job.images for job in jobs])
+        scores = await asyncio.get_running_loop().run_in_executor(
+            self._scorer, lambda: served.model.score(MerchantBatch(ids, features, stats), prompts, images,
+                                                     batch_size=len(images)))
+        out, start = [], 0
+        for job in jobs:
+            out.append((scores[start:start + len(job.images)], served))
+            start += len(job.images)
+        return out
+
+    async def _score(self, merchant: MerchantFields, images: np.ndarray) -> dict:
+        scores, served = await self._score_batch(_Job(merchant, images))
+        return {"scores": scores, "model_version": served.version,
+                "merchant_path": served.merchant_path(merchant.merchant_id)}
+
+    def _check_count(self, count: int) -> None:
+        if count > self.limits.max_images_per_request:
+            raise reject(422, "too_many_images", f"images: {count} in one request, the limit is "
+                                                 f"{self.limits.max_images_per_request} (serve.max_images_per_request)")
+
+    # ------------------------------------------------------------ handle path (in-cluster callers)
+    async def score(self, prompt: str, images, merchant: dict | None = None) -> dict:
+        """Same checks as HTTP except the token (the cluster is the trust boundary). images: uint8 arrays
+        [N, H, W, 3] or a list of arrays / PNG bytes. Raises RewardRequestError."""
+        try:
+            fields = MerchantFields.model_validate({**(merchant or {}), "prompt": prompt})
+        except ValidationError as exc:
+            raise reject(422, "invalid_request", describe_validation_error(exc)) from None
+        self._check_count(len(images))
+        arrays = array_images(images, self._served.image_size, self.limits.image_policy, self.limits.max_image_side)
+        return await self._score(fields, arrays)
+
+    def version(self) -> dict:
+        served = self._served
+        return {"model_version": served.version, "model_dir": served.model_dir, "image_size": served.image_size}
+
+    # ------------------------------------------------------------ HTTP
+    def _authorize(self, request: Request) -> None:
+        if not authorized(request.headers.get("authorization"), self.token):
+            raise reject(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise reject(413, "body_too_large", f"body of {declared} bytes exceeds {limit} (serve.max_body_bytes)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise reject(413, "body_too_large", f"body exceeds {limit} bytes (serve.max_body_bytes)")
+        return bytes(body)
+
+    async def _http_score(self, request: Request) -> dict:
+        self._authorize(request)
+        body = await self._read_body(request)
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise reject(400, "malformed_json", f"body is not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise reject(422, "invalid_request", f"body must be a JSON object, got {type(payload).__name__}")
+        if isinstance(payload.get("images"), list):
+            self._check_count(len(payload["images"]))  # before decoding anything
+        try:
+            parsed = ScoreRequest.model_validate(payload)
+        except ValidationError as exc:
+            raise reject(422, "invalid_request", describe_validation_error(exc)) from None
+        images = decode_images(parsed.images, self._served.image_size, self.limits.image_policy,
+                               self.limits.max_image_side)
+        fields = MerchantFields.model_validate(parsed.model_dump(exclude={"images"}))
+        return await self._score(fields, images)
+
+    @api.post("/v1/score")
+    async def http_score(self, request: Request) -> JSONResponse:
+        try:
+            result = await self._http_score(request)
+        except RewardRequestError as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        result["scores"] = result["scores"].tolist()
+        return JSONResponse(result)
+
+    @api.get("/v1/version")
+    async def http_version(self, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+        except RewardRequestError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(self.version())
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        if self._served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})

@@ -1,0 +1,120 @@
+"""The reward endpoint's contract: what a score request may hold, what comes back, how a refusal reads.
+
+A request scores N images for one (merchant, prompt). The merchant is optional field by field, which
+is the documented cold-start path:
+  - a merchant_id the RM was trained on: its id embedding plus its side features ("known");
+  - an id the RM has not seen: side features and stats alone ("cold_start");
+  - no merchant_id at all: an empty id, and whatever features/stats were sent, usually none
+    ("no_merchant"); the RM then scores like its non-personalized path.
+Unknown fields are refused (422), so a typo in a field name never silently drops a merchant feature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MerchantPath = Literal["known", "cold_start", "no_merchant"]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+MAX_PROMPT_CHARS = 2000
+MAX_MERCHANT_FEATURES = 32
+
+
+class ScoreRequest(BaseModel):
+    """POST /v1/score body. images: base64 PNG strings (standard alphabet, padding required)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merchant_id: str | None = Field(None, max_length=256, description="absent: no merchant (cold start, no id)")
+    merchant_features: dict[str, str] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
+                                              description="observable categorical side features")
+    merchant_stats: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
+                                                   description="observable numeric side features")
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    images: list[str] = Field(..., min_length=1, description="base64-encoded PNG files")
+
+
+class MerchantFields(BaseModel):
+    """The merchant part of a request, validated the same way on the handle path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merchant_id: str | None = Field(None, max_length=256)
+    merchant_features: dict[str, str] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES)
+    merchant_stats: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES)
+    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float]
+    model_version: str = Field(..., description="the RM version that produced these scores")
+    merchant_path: MerchantPath
+
+
+class VersionResponse(BaseModel):
+    model_version: str
+    model_dir: str
+    image_size: int
+
+
+@dataclass(frozen=True)
+class Merchant:
+    """Who asks. Every field may be empty: see the module docstring for the cold-start path."""
+
+    id: str = ""
+    features: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def as_fields(self) -> dict:
+        fields: dict = {"merchant_features": dict(self.features), "merchant_stats": dict(self.stats)}
+        if self.id:
+            fields["merchant_id"] = self.id
+        return fields
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One score per image, in request order, and the RM version that produced them."""
+
+    scores: np.ndarray
+    model_version: str
+    merchant_path: MerchantPath
+
+    @classmethod
+    def from_json(cls, body: dict) -> "ScoreResult":
+        return cls(np.asarray(body["scores"], dtype=np.float32), body["model_version"], body["merchant_path"])
+
+
+class RewardRequestError(Exception):
+    """A request the endpoint refused: HTTP status, a machine-readable kind and a human reason.
+
+    Raised inside the replica on the handle path and by both clients, so callers catch one type.
+    """
+
+    def __init__(self, status: int, kind: str, reason: str):
+        super().__init__(f"{status} {kind}: {reason}")
+        self.status, self.kind, self.reason = status, kind, reason
+
+    def __reduce__(self):  # survives pickling through Ray
+        return type(self), (self.status, self.kind, self.reason)
+
+    def body(self) -> dict:
+        return {"error": self.kind, "reason": self.reason}
+
+
+def reject(status: int, kind: str, reason: str) -> RewardRequestError:
+    return RewardRequestError(status, kind, reason)
+
+
+def describe_validation_error(exc) -> str:
+    """pydantic errors as one line: `field: message` for each, unknown fields named as such."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(body)"
+        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
