@@ -167,6 +167,13 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- reward endpoint
+def cmd_serve(args: argparse.Namespace) -> int:
+    from perfusion_ray.serve.command import run
+
+    return run(args, _config(args))
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job. For now: simulate FashionWorld feedback, ingest it on Ray Data, print a summary."""
@@ -254,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, help="plug-in-off RM directory (default <rm.out>/no_plugin/model)")
     p.add_argument("--metrics", type=Path, help="where to write metrics.json (default <rm.out>/metrics.json)")
     p.set_defaults(handler=cmd_rm_eval)
+
+    p = commands.add_parser("serve", parents=[common], help="the reward model as a Ray Serve endpoint (127.0.0.1)")
+    p.add_argument("--model", type=Path, help="RM directory (default serve.model_dir, else <rm.out>/model)")
+    p.add_argument("--detach", action="store_true", help="deploy or roll out to RAY_ADDRESS's cluster and return")
+    p.add_argument("--duration", type=float, default=0, help="seconds to serve before stopping (0: until Ctrl-C)")
+    p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("demo", parents=[common], help="the main job on the embedded default")
     p.add_argument("--quick", action="store_true", help="a smaller smoke version")
