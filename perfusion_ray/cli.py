@@ -167,6 +167,46 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- alignment
+def cmd_align_train(args: argparse.Namespace) -> int:
+    from perfusion_ray.train.align_offline import train_alignment
+
+    if not args.offline:
+        raise PerfusionError("`perfusion align train` needs --offline (logged groups); the online rounds are "
+                             "`perfusion align` (issue 5)")
+    config = _config(args)
+    report = train_alignment(config, resume=args.resume)
+    resumed = f", resumed from step {report.resumed_from_step}" if report.resumed_from_step else ""
+    print(f"aligned ({config.align.variant}, {config.align.adapter}): {report.steps} steps over "
+          f"{report.groups_trained} groups in {report.seconds:.0f}s (optimizer loop {report.train_seconds:.0f}s"
+          f"{resumed}), {report.denoiser_passes_per_group:.1f} denoiser passes per group, last loss "
+          f"{report.final_loss:.3f}; pipeline: {report.pipeline_dir}")
+    return 0
+
+
+def cmd_align_eval(args: argparse.Namespace) -> int:
+    from perfusion_ray.evaluation.alignment import evaluate_alignment
+
+    config = _config(args)
+    pipeline_dir = args.pipeline or Path(config.align.out) / "pipeline"
+    out = args.out or Path(config.align.out) / "eval"
+    metrics = evaluate_alignment(config, pipeline_dir, out).metrics
+    rows = []
+    for split, suffix in (("all", ""), ("seen", ".seen"), ("cold", ".cold")):
+        rows.append((split, f"{metrics[f'align.utility.base{suffix}']:.3f}",
+                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", f"{metrics[f'align.win_rate{suffix}']:.1%}",
+                     f"{metrics[f'align.personalization.base{suffix}']:+.3f}",
+                     f"{metrics[f'align.personalization{suffix}']:+.3f}"))
+    print(_table(rows, ("held-out requests", "utility base", "utility aligned", "win rate",
+                        "personalization base", "personalization aligned")))
+    print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} base -> "
+          f"{metrics['align.fidelity.class_acc']:.1%} aligned; colour accuracy "
+          f"{metrics.get('align.fidelity.colour_acc.base', float('nan')):.1%} -> "
+          f"{metrics.get('align.fidelity.colour_acc', float('nan')):.1%}")
+    print(f"metrics: {out / 'metrics.json'}; base vs aligned grid: {out / 'grid.png'}")
+    return 0
+
+
 # ---------------------------------------------------------------- reward endpoint
 def cmd_serve(args: argparse.Namespace) -> int:
     from perfusion_ray.serve.command import run
@@ -261,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, help="plug-in-off RM directory (default <rm.out>/no_plugin/model)")
     p.add_argument("--metrics", type=Path, help="where to write metrics.json (default <rm.out>/metrics.json)")
     p.set_defaults(handler=cmd_rm_eval)
+
+    align = commands.add_parser("align", help="the personalized generator").add_subparsers(dest="action", required=True)
+    p = align.add_parser("train", parents=[common], help="the group objective under Ray Train + DeepSpeed ZeRO")
+    p.add_argument("--offline", action="store_true", help="on the logged group examples of the train split")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of align.out")
+    p.set_defaults(handler=cmd_align_train)
+    p = align.add_parser("eval", parents=[common], help="base vs aligned on held-out requests (oracle utility)")
+    p.add_argument("--pipeline", type=Path, help="exported PerFusionPipeline (default <align.out>/pipeline)")
+    p.add_argument("--out", type=Path, help="folder for metrics.json and grid.png (default <align.out>/eval)")
+    p.set_defaults(handler=cmd_align_eval)
 
     p = commands.add_parser("serve", parents=[common], help="the reward model as a Ray Serve endpoint (127.0.0.1)")
     p.add_argument("--model", type=Path, help="RM directory (default serve.model_dir, else <rm.out>/model)")

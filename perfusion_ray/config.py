@@ -144,21 +144,49 @@ class PolicyConfig(Section):
     """The diffusion policy: a frozen base model plus the personalized adaptive network."""
 
     base: str = Field("embedded", description="'embedded' or a local Stable Diffusion directory")
-    lora_rank: int = Field(8, ge=1)
-    num_inference_steps: int = Field(20, ge=1)
-    guidance_scale: float = Field(4.0, ge=0)
+    lora_rank: int = Field(8, ge=1, description="LoRA rank on the branch's attention projections")
+    merchant_dim: int = Field(64, ge=4, description="merchant encoder width")
+    condition_channels: int = Field(8, ge=1, description="channels of the tiled merchant conditioning map")
+    id_dropout: float = Field(0.25, ge=0, lt=1, description="share of known ids hidden in training (cold-start path)")
+    num_inference_steps: int = Field(20, ge=1, description="DDIM steps when sampling")
+    guidance_scale: float = Field(4.0, ge=0, description="classifier-free guidance; <= 1 switches it off")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights of the frozen base")
+
+
+class AlignEvalConfig(Section):
+    """`perfusion align eval`: base vs aligned images on held-out requests, same starting noise."""
+
+    requests_per_merchant: int = Field(2, ge=1, description="held-out requests per merchant (seen and cold)")
+    images_per_request: int = Field(4, ge=1, description="K images per request and model")
+    open_only: bool = Field(True, description="only requests that leave colour, shade or pattern open")
+    seed: int = Field(1, description="seed of the starting noise shared by base and aligned")
+    batch_size: int = Field(64, ge=1)
 
 
 class AlignConfig(Section):
-    """Group-level preference optimization."""
+    """Group-level preference optimization of the adaptive network (`perfusion align train`)."""
 
-    variant: Literal["pl", "multi_neg", "pairwise", "sft"] = "pl"
+    variant: Literal["pl", "multi_neg", "pairwise", "sft"] = Field(
+        "pl", description="pl: Plackett-Luce over graded labels; multi_neg; pairwise: Diffusion-DPO on every "
+                          "pair of a group, each pair its own noise; sft: denoising loss on positives")
+    adapter: Literal["personalized", "plain_lora"] = Field(
+        "personalized", description="the ControlNet-style merchant branch, or (ablation) a plain LoRA on the "
+                                    "UNet with no merchant input")
     beta: float = Field(2500.0, gt=0, description="diffusers' Diffusion-DPO convention (no 1/2 factor)")
     lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up, then constant")
+    batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
+    max_steps: int = Field(400, ge=1, description="optimizer steps in total (the data repeats in epochs)")
+    share_noise: bool = Field(True, description="one timestep and noise per group, shared by its K candidates")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     bf16: bool = False
+    seed: int = 0
+    out: str = Field("out/align", description="run folder: Ray Train checkpoints and the exported pipeline/")
+    eval: AlignEvalConfig = AlignEvalConfig()
 
 
 class ServeConfig(Section):
@@ -187,6 +215,7 @@ class ServeConfig(Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill after its first request")
     # Replicas and autoscaling (Serve's autoscaling_config).
     replica_cpus: float = Field(0.5, gt=0, description="logical CPUs per replica (fractional on small machines)")
+    access_log: bool = Field(False, description="a log line per request from each replica (costs CPU per request)")
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica (queued for a batch "
                                                            "or scoring); Serve's default of 5 starves batching")
     min_replicas: int = Field(1, ge=0)

@@ -73,3 +73,19 @@ def atomic_write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem |
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(path, sink.getvalue().to_pybytes(), filesystem)
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy `source` over `target` so that `target` is never half-written: copy to a staging sibling,
+    then swap (a reader sees the old tree or the new one)."""
+    import shutil
+
+    source, target = os.fspath(source), os.fspath(target)
+    staging, retired = target + ".tmp", target + ".old"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if os.path.exists(target):
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -22,6 +22,7 @@ class DeepSpeedStrategy:
     bf16: bool = False
     grad_clip: float = 1.0
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
 
     def ds_config(self, world_size: int) -> dict:
         return {
@@ -47,7 +48,10 @@ class DeepSpeedStrategy:
         world_size = dist.get_world_size()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config(world_size))
+        warmup = max(self.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                          config=self.ds_config(world_size))
         return engine
 
     @staticmethod

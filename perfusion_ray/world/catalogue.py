@@ -63,3 +63,36 @@ def prompt_text(cls: int, colour: int | None = None, shade: int | None = None, p
     if noun in _PLURAL_NOUNS:
         return phrase
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+@dataclass(frozen=True)
+class RequestAttributes:
+    """What a prompt asks for; None = left open."""
+
+    cls: int
+    colour: int | None
+    shade: int | None
+    pattern: int | None
+
+    @property
+    def open(self) -> bool:
+        return self.colour is None or self.shade is None or self.pattern is None
+
+
+def parse_prompt(text: str) -> RequestAttributes:
+    """The inverse of prompt_text: 'a striped dark red dress' -> its class and the named attributes."""
+    words = text.strip().split()
+    if words and words[0] in ("a", "an"):
+        words = words[1:]
+    phrase = " ".join(words)
+    nouns = [i for i, name in enumerate(CLASS_NAMES) if phrase == name or phrase.endswith(" " + name)]
+    if not nouns:
+        raise ValueError(f"{text!r} names no FashionWorld item ({', '.join(CLASS_NAMES)})")
+    cls = max(nouns, key=lambda i: len(CLASS_NAMES[i]))  # 'ankle boot' over 'boot'-like suffixes
+    rest = phrase[: len(phrase) - len(CLASS_NAMES[cls])].split()
+
+    def named(values: tuple[str, ...]) -> int | None:
+        found = [values.index(word) for word in rest if word in values]
+        return found[0] if found else None
+
+    return RequestAttributes(cls, named(COLOURS), named(SHADES), named(PATTERNS))

@@ -1,0 +1,217 @@
+"""`perfusion align train --offline`: the group objective on logged group examples under Ray Train +
+DeepSpeed ZeRO.
+
+The driver reads the committed group files of the train split and starts a TorchTrainer. Each worker
+loads the frozen base model, builds the policy (models/policy.py) with the same seed on every rank,
+wraps it in a DeepSpeed engine (ZeRO stage from config; frozen base weights are partitioned with the
+rest under ZeRO-3), and streams its shard of groups from Ray Data: per step one batch of groups ->
+per-candidate denoising errors of policy and reference -> group loss (train/group_step.py). Every
+`checkpoint_every` steps all ranks save the engine through ray.train.report (resume continues from the
+latest; the interrupted pass over the data starts again from its beginning). At the last step the
+weights are gathered (ZeRO-3 too) and rank 0 exports a PerFusionPipeline (adapter/ holds the branch
+and its LoRA as safetensors), which the driver copies to <align.out>/pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from perfusion_ray.config import PerfusionConfig
+from perfusion_ray.data.group_examples import to_model_batch
+from perfusion_ray.data.store import StoreLayout
+from perfusion_ray.errors import PerfusionError
+from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.train.distributed import all_reduce_sum
+from perfusion_ray.train.group_step import group_step, group_tensors
+from perfusion_ray.train.strategy import DeepSpeedStrategy
+
+RUN_NAME = "align-offline"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_merchants(files: list[str]) -> tuple[list[dict], list[str]]:
+    """Distinct merchants of the logged groups (the adapter's known ids and stat scale) and stat names."""
+    merchants: dict[str, dict] = {}
+    for path in files:
+        table = pq.read_table(path, columns=["merchant_id", "merchant_features", "merchant_stats"])
+        for row in table.to_pylist():
+            merchants.setdefault(row["merchant_id"], {
+                "merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
+                "merchant_stats": dict(row["merchant_stats"] or [])})
+    stat_names = sorted({name for m in merchants.values() for name in m["merchant_stats"]})
+    return list(merchants.values()), stat_names
+
+
+def build_worker_policy(config: PerfusionConfig, merchants: list[dict], stat_names: list[str], device="cpu"):
+    """The frozen base and a fresh policy, identical on every rank (same seed)."""
+    from perfusion_ray.models.base import load_base
+    from perfusion_ray.models.policy import build_policy
+
+    base = load_base(config.policy.base, dtype=TORCH_DTYPES[config.policy.dtype], device=device)
+    torch.manual_seed(config.align.seed)
+    policy = build_policy(base.unet, config.policy, config.align.adapter, tuple(stat_names),
+                          MerchantBatch.from_records(merchants))
+    return base, policy.to(device)
+
+
+def export_pipeline(config: PerfusionConfig, loop: dict, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+    """Rebuild the policy on the CPU from gathered weights and save it as a PerFusionPipeline."""
+    from perfusion_ray.models.policy import policy_pipeline
+
+    base, policy = build_worker_policy(config, loop["merchants"], loop["stat_names"])
+    policy.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
+    policy_pipeline(base, policy).save_pretrained(str(folder))
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from perfusion_ray.models.policy import featurizer
+
+    config = PerfusionConfig.model_validate(loop["config"])
+    align = config.align
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = torch.device("cuda", context.get_local_rank()) if align.use_gpu else torch.device("cpu")
+    base, policy = build_worker_policy(config, loop["merchants"], loop["stat_names"], device)
+    strategy = DeepSpeedStrategy(zero_stage=align.zero_stage, lr=align.lr, micro_batch=align.batch_groups,
+                                 bf16=align.bf16, weight_decay=align.weight_decay, warmup_steps=align.warmup_steps)
+    engine = strategy.prepare(policy)
+    state = {"step": 0, "epoch": 0, "train_seconds": 0.0, "groups": 0, "groups_used": 0, "passes": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag="engine")
+            state = json.loads((Path(folder) / "state.json").read_text())
+    resumed_from = state["step"]
+    generator = torch.Generator().manual_seed(align.seed * 1_000_003 + rank * 7919 + state["step"])
+    featurize = featurizer(policy)
+    threshold = config.data.label_policy.positive_threshold
+    window: dict[str, list[float]] = {"loss": [], "margin": []}
+    for batch in _epochs(ray.train.get_dataset_shard("train"), align.batch_groups, state):
+        if state["step"] >= align.max_steps:
+            break
+        started = time.perf_counter()
+        tensors = group_tensors(base, featurize, batch)
+        try:
+            result = group_step(engine, base.scheduler, tensors, align.beta, align.variant, generator,
+                                align.share_noise, threshold)
+        except ValueError as exc:
+            raise PerfusionError(f"step {state['step']}: {exc} (requests {list(batch['request_id'][:4])}...)") from exc
+        strategy.step(engine, result.loss)
+        window["loss"].append(result.loss.item())
+        window["margin"].append(result.reward_margin)
+        state["step"] += 1
+        state["groups"] += len(batch["labels"])
+        state["groups_used"] += result.groups_used
+        state["passes"] += result.denoiser_passes
+        state["train_seconds"] += time.perf_counter() - started
+        final = state["step"] >= align.max_steps
+        if state["step"] % align.checkpoint_every == 0 or final:
+            _report(strategy, engine, config, loop, state, window, resumed_from, rank, final)
+            window = {"loss": [], "margin": []}
+
+
+def _epochs(shard, batch_groups: int, state: dict):
+    """The shard's batches, pass after pass (equal shards and drop_last keep ranks in step)."""
+    while True:
+        yield from shard.iter_batches(batch_size=batch_groups, batch_format="numpy", drop_last=True)
+        state["epoch"] += 1
+
+
+def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_from: int, rank: int,
+            final: bool) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    totals = dict(zip(("groups", "groups_used", "passes"),
+                      all_reduce_sum([state["groups"], state["groups_used"], state["passes"]])))
+    full_state = strategy.full_state_dict(engine) if final else None  # collective under ZeRO-3
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag="engine")
+        if rank == 0:
+            (Path(folder) / "state.json").write_text(json.dumps(state))
+            if final:
+                export_pipeline(config, loop, full_state, Path(folder) / "pipeline")
+        metrics = {"step": state["step"], "epoch": state["epoch"], "resumed_from_step": resumed_from,
+                   "loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"),
+                   "reward_margin": float(np.mean(window["margin"])) if window["margin"] else float("nan"),
+                   "train_seconds": state["train_seconds"], "groups_trained": totals["groups"],
+                   "groups_used": totals["groups_used"],
+                   "denoiser_passes_per_group": totals["passes"] / max(totals["groups"], 1), "final": final}
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+@dataclass
+class AlignTrainReport:
+    pipeline_dir: Path
+    steps: int
+    resumed_from_step: int
+    seconds: float
+    train_seconds: float
+    groups_trained: int
+    denoiser_passes_per_group: float
+    final_loss: float
+    history: list[dict]
+
+
+def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrainReport:
+    """Train the policy offline on the logged groups and export <align.out>/pipeline."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from perfusion_ray.runtime import init_ray, worker_env_vars
+    from perfusion_ray.storage import replace_directory
+
+    started = time.perf_counter()
+    layout = StoreLayout(config.data.root, "train")
+    files = layout.output_files("groups")
+    if not files or sum(pq.read_metadata(f).num_rows for f in files) == 0:
+        raise PerfusionError(f"no group examples under {layout.ingest}",
+                             hint="run `perfusion world simulate` and `perfusion data ingest` first")
+    align = config.align
+    merchants, stat_names = training_merchants(files)
+    out = Path(align.out).absolute()
+    storage = out / "ray_results"
+    if not resume:
+        shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
+    init_ray(config.cluster)
+    dataset = ray.data.read_parquet(files).map_batches(
+        to_model_batch, batch_format="pyarrow", fn_kwargs={"store_root": layout.images_uri})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "merchants": merchants, "stat_names": stat_names},
+        scaling_config=ScalingConfig(num_workers=align.num_workers, use_gpu=align.use_gpu,
+                                     resources_per_worker=None if align.use_gpu else {"CPU": config.cluster.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if align.use_gpu else "gloo"),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=1),
+                             worker_runtime_env={"env_vars": worker_env_vars()}),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as folder:
+        exported = Path(folder) / "pipeline"
+        if not exported.is_dir():
+            raise PerfusionError(f"the last checkpoint {result.checkpoint.path} has no exported pipeline")
+        replace_directory(exported, out / "pipeline")
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    metrics = result.metrics
+    return AlignTrainReport(out / "pipeline", int(metrics["step"]), int(metrics["resumed_from_step"]),
+                            time.perf_counter() - started, float(metrics["train_seconds"]),
+                            int(metrics["groups_trained"]), float(metrics["denoiser_passes_per_group"]),
+                            float(metrics["loss"]), history)
