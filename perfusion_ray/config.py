@@ -126,8 +126,14 @@ class RMConfig(Section):
     merchant_dim: int = Field(64, ge=4)
     id_dropout: float = Field(0.5, ge=0, lt=1, description="share of known ids hidden in training (cold-start path)")
     loss: Literal["pl", "pairwise"] = Field("pl", description="Plackett-Luce group ranking or all-pairs logistic")
+    plugin_input: Literal["projected", "pooled"] = Field(
+        "pooled", description="what the plug-ins cross with the merchant: the tower's projected feature, or its "
+                              "pooled output before CLIP's linear projection (the projection drops detail)")
     lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="after the warm-up: constant, or cosine "
+                                                                            "decay to zero over rm.epochs")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the planned steps spent warming up")
+    weight_decay: float = Field(0.5, ge=0)
     batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
     epochs: int = Field(8, ge=1)
     patience: int = Field(2, ge=1, description="early stopping: epochs without a better validation GAUC")

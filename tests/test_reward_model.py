@@ -51,9 +51,10 @@ def test_merchant_with_no_features_or_stats_gets_a_finite_vector():
     assert torch.isfinite(out).all()
 
 
-def test_fresh_plugin_leaves_the_clip_score_unchanged():
-    personalized = PerFusionRM(load_clip(), RewardModelConfig(plugin=True)).eval()
-    baseline = PerFusionRM(load_clip(), RewardModelConfig(plugin=False)).eval()
+@pytest.mark.parametrize("plugin_input", ["projected", "pooled"])
+def test_fresh_plugin_leaves_the_clip_score_unchanged(plugin_input):
+    personalized = PerFusionRM(load_clip(), RewardModelConfig(plugin=True, plugin_input=plugin_input)).eval()
+    baseline = PerFusionRM(load_clip(), RewardModelConfig(plugin=False, plugin_input=plugin_input)).eval()
     args = (_merchants(4), ["a red dress"] * 4, _images(4))
     assert np.allclose(personalized.score(*args), baseline.score(*args), atol=1e-6)
 
@@ -134,3 +135,18 @@ def test_plugin_off_baseline_ignores_the_merchant_but_can_still_learn():
     b = baseline.score(_merchants(3, ids=["zz"] * 3, features={"region": "north"}), ["a dress"] * 3, images)
     assert np.allclose(a, b)
     assert any(p.requires_grad for p in baseline.image_plugin.parameters())
+
+
+def test_side_feature_oracle_is_the_segment_taste_when_features_reveal_the_segment():
+    from perfusion_ray.world.merchants import TasteFamily, build_population, expected_taste
+
+    family = TasteFamily.model_validate({"name": "two", "perturbation": 0.3, "feature_noise": 0.0, "segments": [
+        {"name": "a", "share": 1, "taste": {"colour": {"red": 1.0}}, "side_features": {"region": {"north": 1}}},
+        {"name": "b", "share": 1, "taste": {"colour": {"blue": 1.0}}, "side_features": {"region": {"south": 1}}}]})
+    population = build_population(family, 20, 0.25, seed=0)
+    expected = expected_taste(family, population.features, population.stats, samples=500)
+    for row, segment in enumerate(population.segments):
+        colour = "red" if segment == "a" else "blue"
+        assert expected[row].argmax() == ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"].index(colour)
+        assert np.isclose(expected[row].max(), 1.0, atol=1e-6)  # the segment taste, not the merchant's own
+    assert not np.allclose(expected, population.tastes)

@@ -1,6 +1,9 @@
 """`perfusion rm eval`: GAUC, MAP, AUC and logloss on held-out groups, for seen and cold-start
-merchants, for PerFusionRM, the plug-in-off baseline, zero-shot CLIP, a random floor, and the oracle
-ceiling (true utilities from FashionWorld's pixel oracle)."""
+merchants, for PerFusionRM, the plug-in-off baseline, zero-shot CLIP, a random floor, and two references
+from FashionWorld's pixel oracle: the oracle ceiling (each merchant's own hidden taste, true utilities) and
+the side-feature oracle (the taste expected from the merchant's observable features, E[taste | features],
+times the true attribute profile): what a scorer that reads pixels perfectly can reach knowing only what a
+cold-start merchant shows."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from perfusion_ray.metrics import auc, gauc, logloss, mean_average_precision
 from perfusion_ray.models.clip_towers import load_clip
 from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model
+from perfusion_ray.world.merchants import expected_taste
 from perfusion_ray.world.oracle import attribute_profile
 from perfusion_ray.world.simulator import build_world
 
@@ -73,7 +77,9 @@ def evaluate_reward_models(config: PerfusionConfig, model_dir: Path, baseline_di
     is_cold = np.array([m in cold_ids for m in batch["merchant_id"]])
     groups, k = positive.shape
     profiles = attribute_profile(batch["images"].reshape(groups * k, *batch["images"].shape[2:])).reshape(groups, k, -1)
-    tastes = world.merchants.tastes[[world.merchants.index(m) for m in batch["merchant_id"]]]
+    rows = [world.merchants.index(m) for m in batch["merchant_id"]]
+    tastes = world.merchants.tastes[rows]
+    population = world.merchants
     zero_shot = PerFusionRM(load_clip(config.rm.clip), RewardModelConfig(towers="frozen", plugin=False))
     scorers = {
         "perfusion_rm": lambda: score_groups(load_reward_model(model_dir), batch),
@@ -81,6 +87,8 @@ def evaluate_reward_models(config: PerfusionConfig, model_dir: Path, baseline_di
         "clip_zero_shot": lambda: score_groups(zero_shot, batch),
         "random": lambda: np.random.default_rng(0).random(positive.shape),
         "oracle": lambda: np.einsum("gkd,gd->gk", profiles, tastes),
+        "oracle_side_features": lambda: np.einsum("gkd,gd->gk", profiles, expected_taste(
+            world.family, population.features, population.stats, seed=config.world.seed)[rows]),
     }
     results = {}
     for name, scorer in scorers.items():

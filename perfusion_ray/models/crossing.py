@@ -24,20 +24,24 @@ class CrossNetV2(nn.Module):
 
 
 class PersonalizedPlugin(nn.Module):
-    """tower' = tower + P(CrossNetV2([tower ; merchant])): the merchant crosses every tower dimension.
+    """tower' = tower + P(CrossNetV2([source ; merchant])): the merchant crosses every source dimension.
 
-    P is zero-initialised, so a fresh plug-in leaves the tower's feature unchanged (the pretrained CLIP
-    score is the starting point) and switching it off is exactly the non-personalized model.
+    `source` is the tower's feature itself (the default), or another view of the same input of
+    `source_dim` features, e.g. the tower's pooled output before CLIP's linear projection, which keeps
+    detail the projection drops. P is zero-initialised, so a fresh plug-in leaves the tower's feature
+    unchanged (the pretrained CLIP score is the starting point) and switching it off is exactly the
+    non-personalized model.
     """
 
-    def __init__(self, tower_dim: int, merchant_dim: int, num_layers: int = 2):
+    def __init__(self, tower_dim: int, merchant_dim: int, num_layers: int = 2, source_dim: int | None = None):
         super().__init__()
-        self.cross = CrossNetV2(tower_dim + merchant_dim, num_layers)
-        self.norm = nn.LayerNorm(tower_dim + merchant_dim)
-        self.projection = nn.Linear(tower_dim + merchant_dim, tower_dim)
+        width = (source_dim or tower_dim) + merchant_dim
+        self.cross = CrossNetV2(width, num_layers)
+        self.norm = nn.LayerNorm(width)
+        self.projection = nn.Linear(width, tower_dim)
         nn.init.zeros_(self.projection.weight)
         nn.init.zeros_(self.projection.bias)
 
-    def forward(self, tower: torch.Tensor, merchant: torch.Tensor) -> torch.Tensor:
-        z0 = self.norm(torch.cat([tower, merchant], dim=-1))
+    def forward(self, tower: torch.Tensor, merchant: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        z0 = self.norm(torch.cat([tower if source is None else source, merchant], dim=-1))
         return tower + self.projection(self.cross(z0))

@@ -41,6 +41,7 @@ class RewardModelConfig(BaseModel):
     lora_rank: int = Field(8, ge=1)
     plugin: bool = True
     cross_layers: int = Field(2, ge=1)
+    plugin_input: Literal["projected", "pooled"] = "projected"  # what the plug-ins cross with the merchant
     merchant_dim: int = Field(64, ge=4)
     id_buckets: int = Field(4096, ge=1)
     feature_buckets: int = Field(1024, ge=1)
@@ -60,8 +61,11 @@ class PerFusionRM(nn.Module):
         self.merchant_encoder = MerchantEncoder(config.merchant_dim, config.id_buckets, config.feature_buckets,
                                                 tuple(config.stat_names), id_dropout=config.id_dropout)
         self.merchant_encoder.known_ids = set(config.known_ids)
-        self.text_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers)
-        self.image_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers)
+        pooled = config.plugin_input == "pooled"
+        self.text_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers,
+                                              clip.config.text_config.hidden_size if pooled else None)
+        self.image_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers,
+                                               clip.config.vision_config.hidden_size if pooled else None)
         # 1-element, not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone())
@@ -86,14 +90,17 @@ class PerFusionRM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 merchant: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores [N] for N (merchant, prompt, image) rows."""
-        text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        image = self.clip.get_image_features(pixel_values=pixel_values)
-        text, image = getattr(text, "pooler_output", text), getattr(image, "pooler_output", image)
+        # CLIPModel.get_*_features, in two steps: the pooled tower output, then CLIP's linear projection.
+        text_pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        image_pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
+        text, image = self.clip.text_projection(text_pooled), self.clip.visual_projection(image_pooled)
         vector = self.merchant_encoder(**merchant)
         if not self.config.plugin:
             # The non-personalized baseline: the same plug-ins and capacity, blind to the merchant.
             vector = torch.zeros_like(vector)
-        text, image = self.text_plugin(text, vector), self.image_plugin(image, vector)
+        pooled = self.config.plugin_input == "pooled"
+        text = self.text_plugin(text, vector, text_pooled if pooled else None)
+        image = self.image_plugin(image, vector, image_pooled if pooled else None)
         cosine = nn.functional.cosine_similarity(text, image, dim=-1)
         return self.logit_scale.exp() * cosine
 

@@ -11,6 +11,7 @@ latest checkpoint; the best exported model is copied to <out>/model.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -49,8 +50,8 @@ def model_batch_for_fold(table, store_root: str, fraction: float, validation: bo
 def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_ids: list[str]) -> RewardModelConfig:
     rm = config.rm
     return RewardModelConfig(towers=rm.towers, lora_rank=rm.lora_rank, plugin=rm.plugin, cross_layers=rm.cross_layers,
-                             merchant_dim=rm.merchant_dim, id_dropout=rm.id_dropout, stat_names=stat_names,
-                             known_ids=known_ids)
+                             plugin_input=rm.plugin_input, merchant_dim=rm.merchant_dim, id_dropout=rm.id_dropout,
+                             stat_names=stat_names, known_ids=known_ids)
 
 
 def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> torch.Tensor:
@@ -98,8 +99,10 @@ def train_loop_per_worker(loop: dict) -> None:
     torch.manual_seed(rm.seed + rank)
     model = PerFusionRM(load_clip(rm.clip), RewardModelConfig.model_validate(loop["model_config"]))
     model.merchant_encoder.fit_normalisation(MerchantBatch.from_records(loop["merchants"]))
+    planned_steps = rm.epochs * loop["steps_per_epoch"]
     strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16,
-                                 weight_decay=rm.weight_decay)
+                                 weight_decay=rm.weight_decay, warmup_steps=int(rm.warmup_fraction * planned_steps),
+                                 total_steps=planned_steps if rm.lr_schedule == "cosine" else 0)
     engine = strategy.prepare(model)
     state = {"epoch": 0, "best_gauc": -1.0, "stale": 0, "train_seconds": 0.0, "groups_trained": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -113,13 +116,16 @@ def train_loop_per_worker(loop: dict) -> None:
     train_shard, validation_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("validation")
     while state["epoch"] < rm.epochs and state["stale"] < rm.patience:
         started, losses, groups_trained = time.perf_counter(), [], 0
+        waited, fetch_started = 0.0, time.perf_counter()
         for batch in train_shard.iter_batches(batch_size=rm.batch_groups, batch_format="numpy"):
+            waited += time.perf_counter() - fetch_started
             groups_trained += len(batch["labels"])
             scores, labels = batch_scores(model, engine, batch), torch.as_tensor(batch["labels"])
             loss, _ = plackett_luce_loss(scores, labels, generator) if rm.loss == "pl" else \
                 pairwise_logistic_loss(scores, labels)
             strategy.step(engine, loss)
             losses.append(loss.item())
+            fetch_started = time.perf_counter()
         train_seconds = time.perf_counter() - started
         groups_trained = int(_all_reduce([float(groups_trained)])[0])
         validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
@@ -138,22 +144,25 @@ def train_loop_per_worker(loop: dict) -> None:
             mean_loss = float(np.mean(losses)) if losses else float("nan")
             ray.train.report({"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation,
                               "best_val_gauc": state["best_gauc"], "resumed_from_epoch": resumed_from,
-                              "train_seconds": state["train_seconds"], "groups_trained": state["groups_trained"]},
+                              "train_seconds": state["train_seconds"], "groups_trained": state["groups_trained"],
+                              "epoch_data_wait_seconds": waited, "epoch_train_seconds": train_seconds},
                              checkpoint=Checkpoint.from_directory(folder))
 
 
-def _training_merchants(files: list[str], fraction: float) -> tuple[list[dict], list[str]]:
-    """Distinct training merchants (for id set and stat normalisation) and the stat names."""
+def _training_merchants(files: list[str], fraction: float) -> tuple[list[dict], list[str], int]:
+    """Distinct training merchants (for id set and stat normalisation), the stat names, the training groups."""
     merchants: dict[str, dict] = {}
+    groups = 0
     for path in files:
         table = pq.read_table(path, columns=["request_id", "merchant_id", "merchant_features", "merchant_stats"])
         for row in table.to_pylist():
             if not is_validation(row["request_id"], fraction):
+                groups += 1
                 merchants.setdefault(row["merchant_id"], {
                     "merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
                     "merchant_stats": dict(row["merchant_stats"] or [])})
     stat_names = sorted({name for m in merchants.values() for name in m["merchant_stats"]})
-    return list(merchants.values()), stat_names
+    return list(merchants.values()), stat_names, groups
 
 
 @dataclass
@@ -181,7 +190,7 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         raise PerfusionError(f"no group examples under {layout.ingest}",
                              hint="run `perfusion world simulate` and `perfusion data ingest` first")
     rm = config.rm
-    merchants, stat_names = _training_merchants(files, rm.validation_fraction)
+    merchants, stat_names, train_groups = _training_merchants(files, rm.validation_fraction)
     model_config = reward_model_config(config, stat_names, sorted(m["merchant_id"] for m in merchants))
     out = Path(rm.out).absolute()
     storage = out / "ray_results"
@@ -189,15 +198,19 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
     init_ray(config.cluster)
     read = ray.data.read_parquet(files)
+    # Decoded once, before the workers start: streamed lazily, every epoch would re-read the parquet files
+    # and re-decode every image (on the same CPUs the workers train on).
     datasets = {
         name: read.map_batches(model_batch_for_fold, batch_format="pyarrow", fn_kwargs={
-            "store_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"})
+            "store_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"}
+        ).materialize()
         for name in ("train", "validation")
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "model_config": model_config.model_dump(),
-                           "merchants": merchants},
+                           "merchants": merchants,
+                           "steps_per_epoch": math.ceil(train_groups / (rm.num_workers * rm.batch_groups))},
         scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
                                      resources_per_worker=None if rm.use_gpu else {"CPU": config.cluster.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if rm.use_gpu else "gloo"),

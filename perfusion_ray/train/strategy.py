@@ -7,6 +7,7 @@ code with use_gpu and bf16.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ class DeepSpeedStrategy:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up of the learning rate, then constant
+    total_steps: int = 0  # > 0: after the warm-up, cosine decay to zero at this step (0: constant)
 
     def ds_config(self, world_size: int) -> dict:
         return {
@@ -48,11 +50,18 @@ class DeepSpeedStrategy:
         world_size = dist.get_world_size()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        warmup = max(self.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                           config=self.ds_config(world_size))
         return engine
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at an optimizer step: linear warm-up, then constant or cosine."""
+        warmup = max(self.warmup_steps, 1)
+        if step < warmup or self.total_steps <= 0:
+            return min(1.0, (step + 1) / warmup)
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     @staticmethod
     def step(engine, loss: torch.Tensor) -> None:

@@ -182,3 +182,46 @@ def build_population(family: TasteFamily, num_merchants: int, cold_start_fractio
         stats=stats,
         cold_start=cold,
     )
+
+
+def expected_taste(family: TasteFamily, features: list[dict[str, str]], stats: list[dict[str, float]],
+                   samples: int = 20000, seed: int = 0) -> np.ndarray:
+    """E[taste | observable side features] under the taste family: [M, len(PROFILE_NAMES)].
+
+    The best any model can know about a merchant it has never seen: side features are drawn from the
+    segment alone, so they tell the segment (a posterior), never the merchant's own perturbation of it.
+    Exact Bayes over segments, since every observable is independent of the others given the segment:
+    categorical features from their noisy segment distribution, stats from their Gaussian, and
+    `category_focus` (the argmax of the perturbed focus) from a Monte Carlo estimate of its distribution.
+    The perturbation has mean zero, so the expected taste is the posterior mix of segment tastes.
+    """
+    rng = np.random.default_rng([seed, 7])
+    shares = np.array([segment.share for segment in family.segments])
+    log_prior = np.log(shares / shares.sum())
+    segment_tastes = np.stack([_taste_vector(segment) for segment in family.segments])
+    focus_probs = []
+    for segment in family.segments:
+        focus = np.array([segment.category_focus.get(name, 1.0) for name in CLASS_NAMES], dtype=np.float64)
+        draws = focus * rng.lognormal(0.0, family.perturbation, (samples, len(CLASS_NAMES)))
+        counts = np.bincount(draws.argmax(1), minlength=len(CLASS_NAMES)) + 0.5  # smoothed
+        focus_probs.append(counts / counts.sum())
+    tastes = np.zeros((len(features), len(PROFILE_NAMES)))
+    for row, (observed, numbers) in enumerate(zip(features, stats)):
+        log_post = log_prior.copy()
+        for k, segment in enumerate(family.segments):
+            if observed.get("category_focus") in CLASS_NAMES:
+                log_post[k] += np.log(focus_probs[k][CLASS_NAMES.index(observed["category_focus"])])
+            for name, distribution in segment.side_features.items():
+                if name not in observed:
+                    continue
+                values = family.feature_values(name)
+                weights = np.array([distribution.get(value, 0.0) for value in values])
+                noisy = (1 - family.feature_noise) * weights / weights.sum() + family.feature_noise / len(values)
+                probability = noisy[values.index(observed[name])] if observed[name] in values else 1e-9
+                log_post[k] += np.log(max(probability, 1e-12))
+            for name, (mean, std) in segment.stats.items():
+                if numbers.get(name) is not None and np.isfinite(numbers[name]):
+                    log_post[k] += -0.5 * ((numbers[name] - mean) / std) ** 2 - np.log(std)
+        posterior = np.exp(log_post - log_post.max())
+        tastes[row] = (posterior / posterior.sum()) @ segment_tastes
+    return tastes
