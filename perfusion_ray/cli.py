@@ -160,6 +160,10 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
     rm = evaluation.table["perfusion_rm"]
     print(f"\nPerFusionRM / oracle ceiling: seen {rm['seen']['gauc'] / oracle['seen']['gauc']:.1%}, "
           f"cold {rm['cold']['gauc'] / oracle['cold']['gauc']:.1%}  (groups with P and N: {evaluation.groups})")
+    if "oracle_side_features" in evaluation.table:
+        side = evaluation.table["oracle_side_features"]
+        print(f"PerFusionRM / side-feature oracle (E[taste | observable features], perfect attributes): seen "
+              f"{rm['seen']['gauc'] / side['seen']['gauc']:.1%}, cold {rm['cold']['gauc'] / side['cold']['gauc']:.1%}")
     metrics = evaluation.flat_metrics()
     out = args.metrics or Path(config.rm.out) / "metrics.json"
     atomic_write_json(out, metrics)
