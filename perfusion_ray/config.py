@@ -138,6 +138,8 @@ class RMConfig(Section):
     epochs: int = Field(8, ge=1)
     patience: int = Field(2, ge=1, description="early stopping: epochs without a better validation GAUC")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training groups held for early stopping")
+    cache_shard_mb: int = Field(1024, ge=0, description="a worker keeps its training shard in memory after the first "
+                                                        "epoch when it fits (MiB); 0: stream from Ray Data every epoch")
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -156,6 +158,9 @@ class PolicyConfig(Section):
     id_dropout: float = Field(0.25, ge=0, lt=1, description="share of known ids hidden in training (cold-start path)")
     num_inference_steps: int = Field(20, ge=1, description="DDIM steps when sampling")
     guidance_scale: float = Field(4.0, ge=0, description="classifier-free guidance; <= 1 switches it off")
+    personalize_unconditional: bool = Field(
+        False, description="branch on the unconditional half of guidance too (the merchant's shift then enters "
+                           "once instead of scaled by guidance_scale)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights of the frozen base")
 
 
@@ -185,6 +190,8 @@ class AlignConfig(Section):
     batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
     max_steps: int = Field(400, ge=1, description="optimizer steps in total (the data repeats in epochs)")
     share_noise: bool = Field(True, description="one timestep and noise per group, shared by its K candidates")
+    min_timestep: float = Field(0.0, ge=0, lt=1, description="lowest share of the noise schedule sampled in "
+                                                              "training (0: all timesteps)")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(2, ge=1)
