@@ -58,6 +58,7 @@ def reward_application(config: PerfusionConfig, token: str | None, model_dir: st
         autoscaling_config=autoscaling_config(config),
         max_ongoing_requests=config.serve.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.serve.replica_cpus},
+        logging_config={"enable_access_log": config.serve.access_log},
         user_config=user_config(model_dir or default_model_dir(config)),
     )
     return RewardModel.options(**options).bind(limits(config), token)
