@@ -114,7 +114,8 @@ def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier) -> A
     latent_shape = pipeline.base.latent_shape
     latents = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(evaluation.seed))
     options = dict(num_images_per_prompt=k, latents=latents, output_type="np", batch_size=evaluation.batch_size,
-                   num_inference_steps=config.policy.num_inference_steps, guidance_scale=config.policy.guidance_scale)
+                   num_inference_steps=config.policy.num_inference_steps, guidance_scale=config.policy.guidance_scale,
+                   personalize_unconditional=config.policy.personalize_unconditional)
     base_images = pipeline(requests.prompts, merchant=None, **options).images
     aligned_images = pipeline(requests.prompts, merchant=requests.merchants, **options).images
 

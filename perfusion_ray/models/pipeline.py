@@ -7,8 +7,9 @@
 `merchant` is one merchant for every prompt, or one per prompt (merchants share a batch: the merchant is
 per-sample conditioning, not a separate model). An id the adapter was not trained on takes the
 cold-start path (side features only). No merchant, or no adapter, is the base model exactly.
-Sampling is DDIM with classifier-free guidance; the branch conditions both the unconditional and the
-text-conditioned half, so guidance amplifies the prompt and not the merchant's shift.
+Sampling is DDIM with classifier-free guidance; by default the branch conditions only the
+text-conditioned half, so guidance amplifies the merchant's shift as it does the prompt's
+(`personalize_unconditional=True` conditions both halves instead).
 save_pretrained / from_pretrained round-trip the whole pipeline (adapter/ holds the branch with its
 LoRA matrices; models/adaptive.py).
 """
@@ -23,6 +24,9 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+# model_index.json names the modules of our components (PersonalizedAdapter, TinyAutoencoder) and diffusers
+# loads only from modules already imported: importing them here makes from_pretrained work in any process.
+from perfusion_ray.models import autoencoder as _autoencoder  # noqa: F401
 from perfusion_ray.models.adaptive import PersonalizedAdapter, PersonalizedUNet
 from perfusion_ray.models.base import BaseDiffusion, fit_tokenizer
 from perfusion_ray.models.merchant_encoder import MerchantBatch
@@ -80,20 +84,34 @@ class PerFusionPipeline(DiffusionPipeline):
         return batch
 
     # ------------------------------------------------------------ sampling
-    def denoiser(self, merchants: MerchantBatch | None, guided: bool):
-        """(latents, t, context) -> model output, with the branch on for these merchants (if any)."""
+    def denoiser(self, merchants: MerchantBatch | None, guided: bool, personalize_unconditional: bool = False):
+        """(latents, t, context) -> model output, with the branch on for these merchants (if any).
+
+        Under guidance the batch is [unconditional; conditional]. By default only the conditional half
+        gets the branch, so guidance scales the merchant's shift with the prompt's (out = u + g (c + d - u));
+        personalize_unconditional=True conditions both halves (the shift d enters once, unscaled).
+        """
         if merchants is None or self.adapter is None:
             return lambda sample, t, context: self.unet(sample, t, context).sample
         policy = PersonalizedUNet(self.unet, self.adapter)
         features = self.adapter.featurize(merchants)
-        if guided:
-            features = {name: torch.cat([value, value]) for name, value in features.items()}
-        return lambda sample, t, context: policy(sample, t, context, merchant=features)
+        if not guided:
+            return lambda sample, t, context: policy(sample, t, context, merchant=features)
+        if personalize_unconditional:
+            both = {name: torch.cat([value, value]) for name, value in features.items()}
+            return lambda sample, t, context: policy(sample, t, context, merchant=both)
+
+        def conditional_only(sample, t, context):
+            (uncond_sample, cond_sample), (uncond_context, cond_context) = sample.chunk(2), context.chunk(2)
+            return torch.cat([self.unet(uncond_sample, t, uncond_context).sample,
+                              policy(cond_sample, t, cond_context, merchant=features)])
+
+        return conditional_only
 
     @torch.no_grad()
     def sample_latents(self, prompts: list[str], merchants: MerchantBatch | None, guidance_scale: float,
-                       num_inference_steps: int, generator: torch.Generator | None, latents: torch.Tensor | None
-                       ) -> torch.Tensor:
+                       num_inference_steps: int, generator: torch.Generator | None, latents: torch.Tensor | None,
+                       personalize_unconditional: bool = False) -> torch.Tensor:
         base = self.base
         n = len(prompts)
         scheduler = base.sampling_scheduler(num_inference_steps)
@@ -103,7 +121,7 @@ class PerFusionPipeline(DiffusionPipeline):
         guided = guidance_scale > 1.0
         cond = base.encode_prompts(prompts)
         context = torch.cat([base.encode_prompts([""] * n), cond]) if guided else cond
-        denoise = self.denoiser(merchants, guided)
+        denoise = self.denoiser(merchants, guided, personalize_unconditional)
         for t in scheduler.timesteps:
             model_in = torch.cat([latents] * 2) if guided else latents
             model_in = scheduler.scale_model_input(model_in, t).to(base.dtype)
@@ -118,7 +136,7 @@ class PerFusionPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str], merchant: MerchantInput = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, num_inference_steps: int = 20, guidance_scale: float = 4.0,
                  latents: torch.Tensor | None = None, output_type: str = "pil", batch_size: int = 64,
-                 return_dict: bool = True, allow_empty_prompt: bool = False):
+                 return_dict: bool = True, allow_empty_prompt: bool = False, personalize_unconditional: bool = False):
         """Images for each prompt (prompt-major: K images of prompt 0, then prompt 1, ...).
 
         An empty prompt is an error unless allow_empty_prompt (then it is an unconditional sample).
@@ -146,7 +164,8 @@ class PerFusionPipeline(DiffusionPipeline):
             chunk = MerchantBatch(merchants.ids[start:end], merchants.features[start:end], merchants.stats[start:end]) \
                 if merchants is not None else None
             outputs.append(self.sample_latents(prompts[start:end], chunk, guidance_scale, num_inference_steps,
-                                               generator, None if latents is None else latents[start:end]))
+                                               generator, None if latents is None else latents[start:end],
+                                               personalize_unconditional))
         result = torch.cat(outputs)
         if output_type != "latent":
             images = self.base.decode_latents(result)

@@ -105,7 +105,7 @@ def train_loop_per_worker(loop: dict) -> None:
         tensors = group_tensors(base, featurize, batch)
         try:
             result = group_step(engine, base.scheduler, tensors, align.beta, align.variant, generator,
-                                align.share_noise, threshold)
+                                align.share_noise, threshold, align.min_timestep)
         except ValueError as exc:
             raise PerfusionError(f"step {state['step']}: {exc} (requests {list(batch['request_id'][:4])}...)") from exc
         strategy.step(engine, result.loss)

@@ -115,15 +115,19 @@ def independent_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return group, winner, loser
 
 
-def _sample_timesteps(scheduler, count: int, generator: torch.Generator, device) -> torch.Tensor:
+def _sample_timesteps(scheduler, count: int, generator: torch.Generator, device, low: float = 0.0) -> torch.Tensor:
+    """Uniform over the upper (1 - low) share of the training timesteps."""
     steps = int(scheduler.config.num_train_timesteps)
-    return torch.randint(0, steps, (count,), generator=generator).to(device)
+    return torch.randint(int(low * steps), steps, (count,), generator=generator).to(device)
 
 
 def group_step(denoise, scheduler, batch: GroupTensors, beta: float, variant: str = "pl",
                generator: torch.Generator | None = None, share_noise: bool = True,
-               positive_threshold: float = 0.5) -> StepResult:
-    """The loss of one batch of groups for the chosen objective variant (see the module docstring)."""
+               positive_threshold: float = 0.5, min_timestep: float = 0.0) -> StepResult:
+    """The loss of one batch of groups for the chosen objective variant (see the module docstring).
+
+    min_timestep: the lowest share of the noise schedule sampled (0 = all timesteps).
+    """
     generator = generator or torch.Generator().manual_seed(0)
     latents, labels = batch.latents, batch.labels.to(batch.latents.device)
     groups, k = labels.shape
@@ -135,17 +139,17 @@ def group_step(denoise, scheduler, batch: GroupTensors, beta: float, variant: st
             return StepResult(zero, 0, groups, 0, 0.0)
         pair_latents = torch.stack([latents[group, winner], latents[group, loser]], dim=1)  # [P, 2, ...]
         noise = torch.randn(len(group), 1, *latents.shape[2:], generator=generator).to(device).expand_as(pair_latents)
-        timesteps = _sample_timesteps(scheduler, len(group), generator, device)
+        timesteps = _sample_timesteps(scheduler, len(group), generator, device, min_timestep)
         policy_err, ref_err = denoising_errors(denoise, scheduler, pair_latents, batch.context[group],
                                                _repeat_rows(batch.merchant, group), timesteps, noise)
         pair_labels = torch.tensor([[1.0, 0.0]], device=device).expand(len(group), 2)
         terms = group_preference_terms(policy_err, ref_err, pair_labels, beta, "pairwise", generator, 0.5)
         used = int(torch.unique(group).numel())
-        margin = float((-beta * ((policy_err - ref_err)[:, 0] - (policy_err - ref_err)[:, 1])).mean())
+        margin = float((-beta * ((policy_err - ref_err)[:, 0] - (policy_err - ref_err)[:, 1])).detach().mean())
         return StepResult(terms.loss, used, groups - used, 4 * len(group), margin)
     shape = (groups, 1 if share_noise else k, *latents.shape[2:])
     noise = torch.randn(shape, generator=generator).to(device).expand_as(latents)
-    timesteps = _sample_timesteps(scheduler, groups, generator, device)
+    timesteps = _sample_timesteps(scheduler, groups, generator, device, min_timestep)
     with_reference = variant != "sft"
     policy_err, ref_err = denoising_errors(denoise, scheduler, latents, batch.context, batch.merchant, timesteps,
                                            noise.contiguous(), with_reference)
