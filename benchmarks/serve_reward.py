@@ -3,11 +3,11 @@ concurrency 1, 8 and 32, against in-process batched scoring of the same images, 
 seen during each run (autoscaling up under load, and back down after), side by side in one run with the
 machine printed.
 
-    .venv/bin/python -m benchmarks.serve_reward [--model DIR] [--images-per-request 4] [--set serve.X=Y ...]
+    .venv/bin/python -m benchmarks.serve_reward [--model DIR] [--images-per-request 4 16] [--set serve.X=Y ...]
 
 Requests are FashionWorld groups: K catalogue renders (32x32 PNG) for one merchant and prompt. The load
-generator is bounded (at most --requests per run and --seconds per run), targets 127.0.0.1 only, and
-runs in this process (aiohttp for HTTP, asyncio over the handle), so it shares the 2 cores with the
+generator is bounded (at most --requests and --seconds per row, after --warmup seconds of the same load),
+targets 127.0.0.1 only, and runs in this process (aiohttp for HTTP, asyncio over the handle), so it shares the 2 cores with the
 endpoint. Results also go to benchmarks/results/serve_reward.txt.
 """
 
