@@ -140,8 +140,6 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
 
 
 def cmd_rm_eval(args: argparse.Namespace) -> int:
-    import json
-
     from perfusion_ray.evaluation.reward_model import evaluate_reward_models
     from perfusion_ray.storage import atomic_write_json
 

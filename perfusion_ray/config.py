@@ -114,7 +114,17 @@ class DataConfig(Section):
 
 
 # ---------------------------------------------------------------- models and training
-class RMConfig(Section):
+class DistributedTraining(Section):
+    """How a training run is spread over Ray Train workers, each with a DeepSpeed engine."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; false: CPU workers, gloo")
+    bf16: bool = Field(False, description="bfloat16 mixed precision in DeepSpeed")
+    seed: int = 0
+
+
+class RMConfig(DistributedTraining):
     """PerFusionRM: architecture, and training under Ray Train + DeepSpeed."""
 
     clip: str | None = Field(None, description="local CLIPModel directory for the towers; None: the embedded CLIP")
@@ -140,11 +150,6 @@ class RMConfig(Section):
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training groups held for early stopping")
     cache_shard_mb: int = Field(1024, ge=0, description="a worker keeps its training shard in memory after the first "
                                                         "epoch when it fits (MiB); 0: stream from Ray Data every epoch")
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    bf16: bool = False
-    seed: int = 0
     out: str = Field("out/rm", description="run folder: Ray Train checkpoints and the exported model/")
 
 
@@ -174,7 +179,7 @@ class AlignEvalConfig(Section):
     batch_size: int = Field(64, ge=1)
 
 
-class AlignConfig(Section):
+class AlignConfig(DistributedTraining):
     """Group-level preference optimization of the adaptive network (`perfusion align train`)."""
 
     variant: Literal["pl", "multi_neg", "pairwise", "sft"] = Field(
@@ -193,11 +198,6 @@ class AlignConfig(Section):
     min_timestep: float = Field(0.0, ge=0, lt=1, description="lowest share of the noise schedule sampled in "
                                                               "training (0: all timesteps)")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    bf16: bool = False
-    seed: int = 0
     out: str = Field("out/align", description="run folder: Ray Train checkpoints and the exported pipeline/")
     eval: AlignEvalConfig = AlignEvalConfig()
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from perfusion_ray.data.image_store import ImageStore, sha256_hex
+from perfusion_ray.data.image_store import ImageStore
 from perfusion_ray.data.ingest import ingest
 from perfusion_ray.data.schemas import FEEDBACK_EVENT_SCHEMA
 from perfusion_ray.data.store import StoreLayout, list_partition_files

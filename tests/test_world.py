@@ -166,3 +166,15 @@ def test_taste_yaml_mistakes_are_named(tmp_path):
     path.write_text("name: x\nsegments:\n  - name: a\n    share: 1\n    taste: {colour: {mauve: 1}}\n")
     with pytest.raises(PerfusionError, match="mauve"):
         load_taste_family(path)
+
+
+def test_parse_prompt_inverts_prompt_text_for_every_request_shape():
+    import itertools
+
+    from perfusion_ray.world.catalogue import parse_prompt, prompt_text
+
+    for cls, colour, shade, pattern in itertools.product(range(10), (None, 0, 7), (None, 0, 1), (None, 0, 1)):
+        parsed = parse_prompt(prompt_text(cls, colour, shade, pattern))
+        assert (parsed.cls, parsed.colour, parsed.shade, parsed.pattern) == (cls, colour, shade, pattern)
+    with pytest.raises(ValueError, match="names no FashionWorld item"):
+        parse_prompt("a hat")

@@ -62,3 +62,33 @@ def read_groups(root: str, split: str) -> pa.Table:
     files = layout.output_files("groups")
     tables = [pq.read_table(path, filesystem=layout.filesystem) for path in files]
     return pa.concat_tables([t for t in tables if t.num_rows]) if tables else pa.table({})
+
+
+def distinct_merchants(files: list[str], keep=None) -> tuple[list[dict], list[str], int]:
+    """The distinct merchants of group files (for a model's known ids and stat scale), the stat names, and
+    the number of groups; `keep(request_id)` limits all three to some requests (e.g. a training fold)."""
+    merchants: dict[str, dict] = {}
+    groups = 0
+    for path in files:
+        table = pq.read_table(path, columns=["request_id", "merchant_id", "merchant_features", "merchant_stats"])
+        for row in table.to_pylist():
+            if keep is not None and not keep(row["request_id"]):
+                continue
+            groups += 1
+            merchants.setdefault(row["merchant_id"], {
+                "merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
+                "merchant_stats": dict(row["merchant_stats"] or [])})
+    stat_names = sorted({name for m in merchants.values() for name in m["merchant_stats"]})
+    return list(merchants.values()), stat_names, groups
+
+
+def committed_group_files(root: str, split: str) -> tuple[StoreLayout, list[str]]:
+    """The split's committed group files, or an error saying how to make some."""
+    from perfusion_ray.errors import PerfusionError
+
+    layout = StoreLayout(root, split)
+    files = layout.output_files("groups")
+    if not files or sum(pq.read_metadata(f, filesystem=layout.filesystem).num_rows for f in files) == 0:
+        raise PerfusionError(f"no group examples under {layout.ingest}",
+                             hint="run `perfusion world simulate` and `perfusion data ingest` first")
+    return layout, files

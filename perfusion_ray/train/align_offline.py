@@ -14,41 +14,24 @@ and its LoRA as safetensors), which the driver copies to <align.out>/pipeline.
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import to_model_batch
-from perfusion_ray.data.store import StoreLayout
+from perfusion_ray.data.group_examples import committed_group_files, distinct_merchants, to_model_batch
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.merchant_encoder import MerchantBatch
-from perfusion_ray.train.distributed import all_reduce_sum
+from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
 from perfusion_ray.train.group_step import group_step, group_tensors
 from perfusion_ray.train.strategy import DeepSpeedStrategy
 
 RUN_NAME = "align-offline"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def training_merchants(files: list[str]) -> tuple[list[dict], list[str]]:
-    """Distinct merchants of the logged groups (the adapter's known ids and stat scale) and stat names."""
-    merchants: dict[str, dict] = {}
-    for path in files:
-        table = pq.read_table(path, columns=["merchant_id", "merchant_features", "merchant_stats"])
-        for row in table.to_pylist():
-            merchants.setdefault(row["merchant_id"], {
-                "merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
-                "merchant_stats": dict(row["merchant_stats"] or [])})
-    stat_names = sorted({name for m in merchants.values() for name in m["merchant_stats"]})
-    return list(merchants.values()), stat_names
 
 
 def build_worker_policy(config: PerfusionConfig, merchants: list[dict], stat_names: list[str], device="cpu"):
@@ -87,12 +70,7 @@ def train_loop_per_worker(loop: dict) -> None:
     strategy = DeepSpeedStrategy(zero_stage=align.zero_stage, lr=align.lr, micro_batch=align.batch_groups,
                                  bf16=align.bf16, weight_decay=align.weight_decay, warmup_steps=align.warmup_steps)
     engine = strategy.prepare(policy)
-    state = {"step": 0, "epoch": 0, "train_seconds": 0.0, "groups": 0, "groups_used": 0, "passes": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag="engine")
-            state = json.loads((Path(folder) / "state.json").read_text())
+    state = restore_latest(engine, {"step": 0, "epoch": 0, "train_seconds": 0.0, "groups": 0, "groups_used": 0, "passes": 0})
     resumed_from = state["step"]
     generator = torch.Generator().manual_seed(align.seed * 1_000_003 + rank * 7919 + state["step"])
     featurize = featurizer(policy)
@@ -118,7 +96,7 @@ def train_loop_per_worker(loop: dict) -> None:
         state["train_seconds"] += time.perf_counter() - started
         final = state["step"] >= align.max_steps
         if state["step"] % align.checkpoint_every == 0 or final:
-            _report(strategy, engine, config, loop, state, window, resumed_from, rank, final)
+            _report(strategy, engine, config, loop, state, window, resumed_from, final)
             window = {"loss": [], "margin": []}
 
 
@@ -129,27 +107,18 @@ def _epochs(shard, batch_groups: int, state: dict):
         state["epoch"] += 1
 
 
-def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_from: int, rank: int,
-            final: bool) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
+def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_from: int, final: bool) -> None:
     totals = dict(zip(("groups", "groups_used", "passes"),
                       all_reduce_sum([state["groups"], state["groups_used"], state["passes"]])))
     full_state = strategy.full_state_dict(engine) if final else None  # collective under ZeRO-3
-    with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag="engine")
-        if rank == 0:
-            (Path(folder) / "state.json").write_text(json.dumps(state))
-            if final:
-                export_pipeline(config, loop, full_state, Path(folder) / "pipeline")
-        metrics = {"step": state["step"], "epoch": state["epoch"], "resumed_from_step": resumed_from,
-                   "loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"),
-                   "reward_margin": float(np.mean(window["margin"])) if window["margin"] else float("nan"),
-                   "train_seconds": state["train_seconds"], "groups_trained": totals["groups"],
-                   "groups_used": totals["groups_used"],
-                   "denoiser_passes_per_group": totals["passes"] / max(totals["groups"], 1), "final": final}
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+    metrics = {"step": state["step"], "epoch": state["epoch"], "resumed_from_step": resumed_from,
+               "loss": float(np.mean(window["loss"])) if window["loss"] else float("nan"),
+               "reward_margin": float(np.mean(window["margin"])) if window["margin"] else float("nan"),
+               "train_seconds": state["train_seconds"], "groups_trained": totals["groups"],
+               "groups_used": totals["groups_used"],
+               "denoiser_passes_per_group": totals["passes"] / max(totals["groups"], 1), "final": final}
+    report_with_checkpoint(engine, state, metrics, export=(
+        lambda folder: export_pipeline(config, loop, full_state, folder / "pipeline")) if final else None)
 
 
 @dataclass
@@ -168,39 +137,25 @@ class AlignTrainReport:
 def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrainReport:
     """Train the policy offline on the logged groups and export <align.out>/pipeline."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from perfusion_ray.runtime import init_ray, worker_env_vars
+    from perfusion_ray.runtime import init_ray
     from perfusion_ray.storage import replace_directory
 
     started = time.perf_counter()
-    layout = StoreLayout(config.data.root, "train")
-    files = layout.output_files("groups")
-    if not files or sum(pq.read_metadata(f).num_rows for f in files) == 0:
-        raise PerfusionError(f"no group examples under {layout.ingest}",
-                             hint="run `perfusion world simulate` and `perfusion data ingest` first")
+    layout, files = committed_group_files(config.data.root, "train")
     align = config.align
-    merchants, stat_names = training_merchants(files)
+    merchants, stat_names, _ = distinct_merchants(files)
     out = Path(align.out).absolute()
     storage = out / "ray_results"
     if not resume:
         shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
     init_ray(config.cluster)
+    # Decoded once before the workers start, not again in every pass over the data.
     dataset = ray.data.read_parquet(files).map_batches(
-        to_model_batch, batch_format="pyarrow", fn_kwargs={"store_root": layout.images_uri})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "merchants": merchants, "stat_names": stat_names},
-        scaling_config=ScalingConfig(num_workers=align.num_workers, use_gpu=align.use_gpu,
-                                     resources_per_worker=None if align.use_gpu else {"CPU": config.cluster.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if align.use_gpu else "gloo"),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1),
-                             worker_runtime_env={"env_vars": worker_env_vars()}),
-        datasets={"train": dataset},
-    )
+        to_model_batch, batch_format="pyarrow", fn_kwargs={"store_root": layout.images_uri}).materialize()
+    trainer = torch_trainer(train_loop_per_worker, {"config": config.model_dump(mode="json"), "merchants": merchants,
+                                                    "stat_names": stat_names},
+                            align, config.cluster, RUN_NAME, storage, {"train": dataset})
     result = trainer.fit()
     if result.error:
         raise result.error

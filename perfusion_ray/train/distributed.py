@@ -1,8 +1,13 @@
-"""Small collectives shared by the training loops (no-ops in a single process)."""
+"""What the Ray Train loops share: the TorchTrainer for a run section, and small collectives (no-ops in a
+single process)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from perfusion_ray.config import ClusterConfig, DistributedTraining
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -13,3 +18,58 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: ClusterConfig, name: str,
+                  storage: Path, datasets: dict, checkpoint_config=None):
+    """A TorchTrainer for `run` (workers, GPU or CPU share, gloo or NCCL), restarting once on a worker
+    failure from the latest checkpoint, with this package's worker environment."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from perfusion_ray.runtime import worker_env_vars
+
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                     resources_per_worker=None if run.use_gpu else {"CPU": cluster.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=1),
+                             worker_runtime_env={"env_vars": worker_env_vars()}),
+        datasets=datasets,
+    )
+
+
+def restore_latest(engine, state: dict) -> dict:
+    """Load Ray Train's latest checkpoint (engine + state.json) into `engine`; its state, else `state`."""
+    import json
+
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return state
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag="engine")
+        return json.loads((Path(folder) / "state.json").read_text())
+
+
+def report_with_checkpoint(engine, state: dict, metrics: dict, export=None) -> None:
+    """ray.train.report with a checkpoint: every rank saves the engine (collective), rank 0 adds
+    state.json and, when given, `export(folder)` (e.g. the exported model)."""
+    import json
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag="engine")
+        if ray.train.get_context().get_world_rank() == 0:
+            (Path(folder) / "state.json").write_text(json.dumps(state))
+            if export is not None:
+                export(Path(folder))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))

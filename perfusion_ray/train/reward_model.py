@@ -10,27 +10,24 @@ latest checkpoint; the best exported model is copied to <out>/model.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import candidate_rows, to_model_batch
-from perfusion_ray.data.store import StoreLayout
+from perfusion_ray.data.group_examples import candidate_rows, committed_group_files, distinct_merchants, to_model_batch
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.metrics import gauc
 from perfusion_ray.models.clip_towers import load_clip
 from perfusion_ray.models.merchant_encoder import MerchantBatch, stable_bucket
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
 from perfusion_ray.objectives import pairwise_logistic_loss, plackett_luce_loss
+from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
 from perfusion_ray.train.strategy import DeepSpeedStrategy
 
 RUN_NAME = "rm-train"
@@ -60,15 +57,6 @@ def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> to
     return engine(**model.inputs(MerchantBatch.from_records(merchants), prompts, images)).view(batch["labels"].shape)
 
 
-def _all_reduce(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def _validation_gauc(model, engine, shard, batch_groups: int, threshold: float) -> float:
     """Size-weighted GAUC over every worker's validation shard (sums all-reduced)."""
     engine.eval()
@@ -82,7 +70,7 @@ def _validation_gauc(model, engine, shard, batch_groups: int, threshold: float) 
             if has_both.any():
                 weighted += gauc(scores.reshape(-1), labels.reshape(-1), groups) * has_both.sum() * labels.shape[1]
                 size += has_both.sum() * labels.shape[1]
-    weighted, size = _all_reduce([weighted, size])
+    weighted, size = all_reduce_sum([weighted, size])
     engine.train()
     return weighted / size if size else float("nan")
 
@@ -90,7 +78,6 @@ def _validation_gauc(model, engine, shard, batch_groups: int, threshold: float) 
 def train_loop_per_worker(loop: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
-    from ray.train import Checkpoint
 
     config = PerfusionConfig.model_validate(loop["config"])
     rm = config.rm
@@ -104,12 +91,7 @@ def train_loop_per_worker(loop: dict) -> None:
                                  weight_decay=rm.weight_decay, warmup_steps=int(rm.warmup_fraction * planned_steps),
                                  total_steps=planned_steps if rm.lr_schedule == "cosine" else 0)
     engine = strategy.prepare(model)
-    state = {"epoch": 0, "best_gauc": -1.0, "stale": 0, "train_seconds": 0.0, "groups_trained": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag="engine")
-            state = json.loads((Path(folder) / "state.json").read_text())
+    state = restore_latest(engine, {"epoch": 0, "best_gauc": -1.0, "stale": 0, "train_seconds": 0.0, "groups_trained": 0})
     resumed_from = state["epoch"]
     threshold = config.data.label_policy.positive_threshold
     generator = torch.Generator().manual_seed(rm.seed * 1000 + rank)
@@ -141,7 +123,7 @@ def train_loop_per_worker(loop: dict) -> None:
             fetch_started = time.perf_counter()
         train_seconds = time.perf_counter() - started
         replay = cache is not None
-        groups_trained = int(_all_reduce([float(groups_trained)])[0])
+        groups_trained = int(all_reduce_sum([float(groups_trained)])[0])
         validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
         improved = validation > state["best_gauc"]
         state = {"epoch": state["epoch"] + 1, "best_gauc": max(validation, state["best_gauc"]),
@@ -149,35 +131,14 @@ def train_loop_per_worker(loop: dict) -> None:
                  "train_seconds": state["train_seconds"] + train_seconds,
                  "groups_trained": state["groups_trained"] + groups_trained}
         full_state = strategy.full_state_dict(engine) if improved else None  # collective under ZeRO-3
-        with tempfile.TemporaryDirectory() as folder:
-            engine.save_checkpoint(folder, tag="engine")
-            if rank == 0:
-                (Path(folder) / "state.json").write_text(json.dumps(state))
-                if improved:
-                    save_reward_model(model, Path(folder) / "model", state_dict=full_state)
-            mean_loss = float(np.mean(losses)) if losses else float("nan")
-            ray.train.report({"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation,
-                              "best_val_gauc": state["best_gauc"], "resumed_from_epoch": resumed_from,
-                              "train_seconds": state["train_seconds"], "groups_trained": state["groups_trained"],
-                              "epoch_data_wait_seconds": waited, "epoch_train_seconds": train_seconds,
-                              "epoch_cpu_seconds": time.process_time() - cpu_started},
-                             checkpoint=Checkpoint.from_directory(folder))
-
-
-def _training_merchants(files: list[str], fraction: float) -> tuple[list[dict], list[str], int]:
-    """Distinct training merchants (for id set and stat normalisation), the stat names, the training groups."""
-    merchants: dict[str, dict] = {}
-    groups = 0
-    for path in files:
-        table = pq.read_table(path, columns=["request_id", "merchant_id", "merchant_features", "merchant_stats"])
-        for row in table.to_pylist():
-            if not is_validation(row["request_id"], fraction):
-                groups += 1
-                merchants.setdefault(row["merchant_id"], {
-                    "merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
-                    "merchant_stats": dict(row["merchant_stats"] or [])})
-    stat_names = sorted({name for m in merchants.values() for name in m["merchant_stats"]})
-    return list(merchants.values()), stat_names, groups
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        report_with_checkpoint(
+            engine, state,
+            {"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation, "best_val_gauc": state["best_gauc"],
+             "resumed_from_epoch": resumed_from, "train_seconds": state["train_seconds"],
+             "groups_trained": state["groups_trained"], "epoch_data_wait_seconds": waited,
+             "epoch_train_seconds": train_seconds, "epoch_cpu_seconds": time.process_time() - cpu_started},
+            export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None)
 
 
 @dataclass
@@ -193,19 +154,16 @@ class RMTrainReport:
 def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrainReport:
     """Train, early-stop and export PerFusionRM to <rm.out>/model. See the module docstring."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig
 
-    from perfusion_ray.runtime import init_ray, worker_env_vars
+    from perfusion_ray.runtime import init_ray
+    from perfusion_ray.storage import replace_directory
 
     started = time.perf_counter()
-    layout = StoreLayout(config.data.root, "train")
-    files = layout.output_files("groups")
-    if not files or sum(pq.read_metadata(f).num_rows for f in files) == 0:
-        raise PerfusionError(f"no group examples under {layout.ingest}",
-                             hint="run `perfusion world simulate` and `perfusion data ingest` first")
+    layout, files = committed_group_files(config.data.root, "train")
     rm = config.rm
-    merchants, stat_names, train_groups = _training_merchants(files, rm.validation_fraction)
+    merchants, stat_names, train_groups = distinct_merchants(
+        files, keep=lambda request_id: not is_validation(request_id, rm.validation_fraction))
     model_config = reward_model_config(config, stat_names, sorted(m["merchant_id"] for m in merchants))
     out = Path(rm.out).absolute()
     storage = out / "ray_results"
@@ -221,21 +179,12 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         ).materialize()
         for name in ("train", "validation")
     }
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "model_config": model_config.model_dump(),
-                           "merchants": merchants,
-                           "steps_per_epoch": math.ceil(train_groups / (rm.num_workers * rm.batch_groups))},
-        scaling_config=ScalingConfig(num_workers=rm.num_workers, use_gpu=rm.use_gpu,
-                                     resources_per_worker=None if rm.use_gpu else {"CPU": config.cluster.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if rm.use_gpu else "gloo"),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_gauc",
-                                                                checkpoint_score_order="max"),
-                             failure_config=FailureConfig(max_failures=1),
-                             worker_runtime_env={"env_vars": worker_env_vars()}),
-        datasets=datasets,
-    )
+        {"config": config.model_dump(mode="json"), "model_config": model_config.model_dump(), "merchants": merchants,
+         "steps_per_epoch": math.ceil(train_groups / (rm.num_workers * rm.batch_groups))},
+        rm, config.cluster, RUN_NAME, storage, datasets,
+        CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_gauc", checkpoint_score_order="max"))
     result = trainer.fit()
     best = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_gauc", float("-inf")))
     with best[0].as_directory() as folder:
@@ -243,11 +192,7 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         if not exported.is_dir():
             raise PerfusionError(f"the best checkpoint {best[0].path} has no exported model")
         target = out / "model"
-        staging = out / "model.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(exported, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        replace_directory(exported, target)
     load_reward_model(target)  # the export must load on its own, or the run is not done
     return RMTrainReport(target, float(best[1]["best_val_gauc"]), int(result.metrics["epoch"]),
                          int(result.metrics["resumed_from_epoch"]), time.perf_counter() - started,
