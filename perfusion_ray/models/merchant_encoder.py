@@ -97,4 +97,5 @@ class MerchantEncoder(nn.Module):
         normalised = torch.nan_to_num((stats - self.stat_mean) / self.stat_std, nan=0.0)
         if not self.stat_names:
             normalised = torch.zeros_like(normalised)
+        normalised = normalised.to(self.stats_projection.weight.dtype)  # stats arrive float32; weights may be bf16
         return self.mlp(torch.cat([id_vector, features, self.stats_projection(normalised)], dim=1))

@@ -97,7 +97,9 @@ def denoising_errors(denoise, scheduler, latents: torch.Tensor, context: torch.T
     t = timesteps[index]
     noisy = scheduler.add_noise(flat, flat_noise, t)
     target = _target(scheduler, flat, flat_noise, t)
-    states, conditions = context[index], _repeat_rows(merchant, index)
+    # The denoiser's own precision (bf16 under DeepSpeed's bf16); errors are taken in float32.
+    dtype = next(denoise.parameters()).dtype if hasattr(denoise, "parameters") else noisy.dtype
+    noisy, states, conditions = noisy.to(dtype), context[index].to(dtype), _repeat_rows(merchant, index)
     prediction = denoise(noisy, t, states, merchant=conditions, branch=True)
     policy_err = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3)).view(rows, k)
     if not with_reference:
