@@ -65,3 +65,13 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(PerfusionError, match="not valid YAML"):
         load_config(_write(tmp_path, "world: [unclosed\n"))
+
+
+def test_every_shipped_config_loads():
+    from perfusion_ray.config import REPO_ROOT
+
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        assert config.source == str(path)
+    gpu = load_config(REPO_ROOT / "configs" / "sd15.yaml")
+    assert gpu.align.use_gpu and gpu.align.bf16 and gpu.align.zero_stage == 3  # the path test_alignment runs small
