@@ -103,8 +103,12 @@ def _split_metrics(prefix: str, values: dict[str, float | np.ndarray], masks: di
     return out
 
 
-def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier) -> AlignEvaluation:
-    """Sample base and aligned groups for the held-out requests and score them (see the module docstring)."""
+def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier, base_pipeline=None) -> AlignEvaluation:
+    """Sample base and aligned groups for the held-out requests and score them (see the module docstring).
+
+    `base_pipeline` draws the base images (default: `pipeline` without a merchant, which is the base model
+    for the personalized branch but not for a pipeline whose UNet was fine-tuned, like the plain-LoRA
+    ablation)."""
     from perfusion_ray.world.oracle import attribute_profile, colour_probabilities, utility
 
     evaluation = config.align.eval
@@ -116,7 +120,7 @@ def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier) -> A
     options = dict(num_images_per_prompt=k, latents=latents, output_type="np", batch_size=evaluation.batch_size,
                    num_inference_steps=config.policy.num_inference_steps, guidance_scale=config.policy.guidance_scale,
                    personalize_unconditional=config.policy.personalize_unconditional)
-    base_images = pipeline(requests.prompts, merchant=None, **options).images
+    base_images = (base_pipeline or pipeline)(requests.prompts, merchant=None, **options).images
     aligned_images = pipeline(requests.prompts, merchant=requests.merchants, **options).images
 
     tastes = world.merchants.tastes
@@ -166,6 +170,7 @@ def comparison_grid(evaluation: AlignEvaluation, k: int, merchants: int = 6) -> 
 def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_dir: str | Path | None = None
                        ) -> AlignEvaluation:
     """Load the exported pipeline, evaluate it, write metrics.json and grid.png into out_dir."""
+    from perfusion_ray.models.base import load_base
     from perfusion_ray.models.classifier import load_classifier
     from perfusion_ray.models.pipeline import PerFusionPipeline
     from perfusion_ray.storage import atomic_write_json
@@ -177,7 +182,9 @@ def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_di
                              hint="run `perfusion align train --offline` first")
     pipeline = PerFusionPipeline.from_pretrained(str(pipeline_dir))
     pipeline.set_progress_bar_config(disable=True)
-    evaluation = evaluate_pipeline(config, pipeline, build_world(config), load_classifier())
+    base = PerFusionPipeline.from_base(load_base(config.policy.base))  # the frozen base, whatever the policy
+    base.set_progress_bar_config(disable=True)
+    evaluation = evaluate_pipeline(config, pipeline, build_world(config), load_classifier(), base)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
