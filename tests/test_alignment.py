@@ -157,3 +157,23 @@ def test_zero3_in_bf16_gathers_the_exported_weights(logged, ray_cluster, tmp_pat
                 "align.fidelity.class_acc"):
         assert np.isfinite(metrics[key])
     assert (tmp_path / "eval" / "grid.png").is_file()
+
+
+def test_eval_compares_against_the_frozen_base_even_for_a_fine_tuned_unet(logged, base, tmp_path):
+    from perfusion_ray.evaluation.alignment import evaluate_alignment
+
+    plain = build_policy(base.unet, PolicyConfig(), adapter="plain_lora")
+    with torch.no_grad():  # a stand-in for a trained LoRA
+        for name, parameter in plain.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.05)
+    policy_pipeline(base, plain).save_pretrained(tmp_path / "plain")
+    logged.align.eval.requests_per_merchant, logged.align.eval.images_per_request = 1, 2
+    logged.policy.num_inference_steps = 3
+    evaluation = evaluate_alignment(logged, tmp_path / "plain")
+    assert not np.array_equal(evaluation.base_images, evaluation.aligned_images)
+    expected = PerFusionPipeline.from_base(base)(evaluation.requests.prompts, num_images_per_prompt=2,
+                                                 num_inference_steps=3, output_type="np",
+                                                 latents=torch.randn((len(evaluation.base_images), *base.latent_shape),
+                                                                     generator=torch.Generator().manual_seed(1))).images
+    assert np.array_equal(evaluation.base_images, expected)
