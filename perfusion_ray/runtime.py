@@ -8,6 +8,7 @@ it binds the machine's external address or loopback.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,17 @@ def disable_deepspeed_shm_op() -> None:
     module.build_shm_op = lambda: None
 
 
+def _job_env_keys() -> set[str]:
+    """Environment variables the runtime_env of the `ray job submit` running us already sets."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError):
+        return set()
+
+
 def init_ray(cluster: "ClusterConfig | None" = None):
     """Join RAY_ADDRESS / cluster.address, or start a local cluster bound to 127.0.0.1.
 
@@ -68,7 +80,8 @@ def init_ray(cluster: "ClusterConfig | None" = None):
 
     if ray.is_initialized():
         return ray
-    runtime_env = {"env_vars": worker_env_vars()}
+    taken = _job_env_keys()  # a submitted job's own env_vars win; Ray refuses the same key twice
+    runtime_env = {"env_vars": {key: value for key, value in worker_env_vars().items() if key not in taken}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

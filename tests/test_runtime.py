@@ -30,3 +30,14 @@ def test_deepspeed_shm_op_build_is_switched_off():
     disable_deepspeed_shm_op()
     module = importlib.import_module("deepspeed.comm.torch")
     assert module.build_shm_op() is None  # would otherwise run g++ for a minute
+
+
+def test_a_submitted_jobs_own_env_vars_are_left_to_it(monkeypatch):
+    import json
+
+    from perfusion_ray.runtime import _job_env_keys
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}}))
+    assert _job_env_keys() == {"HF_HUB_OFFLINE"}  # init_ray leaves these out: Ray refuses a key set twice
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "not json")
+    assert _job_env_keys() == set()
