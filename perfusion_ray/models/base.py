@@ -51,6 +51,11 @@ EMBEDDED_SCHEDULER = dict(
 )
 
 
+def images_to_model(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float tensor [B, 3, H, W] in [-1, 1] (what encode_images takes)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 @dataclass
 class BaseDiffusion:
     """The frozen base model's diffusers components and how to sample from them."""

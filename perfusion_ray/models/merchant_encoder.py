@@ -32,6 +32,11 @@ class MerchantBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, rows) -> "MerchantBatch":
+        """The merchants at these row positions (repeats allowed)."""
+        return MerchantBatch([self.ids[i] for i in rows], [self.features[i] for i in rows],
+                             [self.stats[i] for i in rows])
+
     @classmethod
     def from_records(cls, records: list[dict]) -> "MerchantBatch":
         """From dicts with merchant_id and optional merchant_features / merchant_stats (dicts or pairs)."""

@@ -78,7 +78,7 @@ class PerFusionPipeline(DiffusionPipeline):
             records = [merchant] if isinstance(merchant, dict) else list(merchant)
             batch = MerchantBatch.from_records(records)
         if len(batch) == 1 and count > 1:
-            batch = MerchantBatch(batch.ids * count, batch.features * count, batch.stats * count)
+            batch = batch.take([0] * count)
         if len(batch) != count:
             raise ValueError(f"{len(batch)} merchants for {count} prompts: give one merchant, or one per prompt")
         return batch
@@ -152,17 +152,14 @@ class PerFusionPipeline(DiffusionPipeline):
         k = num_images_per_prompt
         prompts = [p for p in prompts for _ in range(k)]
         if merchants is not None:
-            merchants = MerchantBatch([i for i in merchants.ids for _ in range(k)],
-                                      [f for f in merchants.features for _ in range(k)],
-                                      [s for s in merchants.stats for _ in range(k)])
+            merchants = merchants.take([row for row in range(len(merchants)) for _ in range(k)])
         if latents is not None and latents.shape[0] != len(prompts):
             raise ValueError(f"latents has {latents.shape[0]} rows for {len(prompts)} images")
         outputs = []
-        for start in self.progress_bar(range(0, len(prompts), batch_size)) if len(prompts) > batch_size else \
-                range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for start in self.progress_bar(starts) if len(starts) > 1 else starts:
             end = start + batch_size
-            chunk = MerchantBatch(merchants.ids[start:end], merchants.features[start:end], merchants.stats[start:end]) \
-                if merchants is not None else None
+            chunk = merchants.take(range(start, min(end, len(prompts)))) if merchants is not None else None
             outputs.append(self.sample_latents(prompts[start:end], chunk, guidance_scale, num_inference_steps,
                                                generator, None if latents is None else latents[start:end],
                                                personalize_unconditional))

@@ -131,7 +131,6 @@ class AlignTrainReport:
     groups_trained: int
     denoiser_passes_per_group: float
     final_loss: float
-    history: list[dict]
 
 
 def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrainReport:
@@ -164,9 +163,8 @@ def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrain
         if not exported.is_dir():
             raise PerfusionError(f"the last checkpoint {result.checkpoint.path} has no exported pipeline")
         replace_directory(exported, out / "pipeline")
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
     metrics = result.metrics
     return AlignTrainReport(out / "pipeline", int(metrics["step"]), int(metrics["resumed_from_step"]),
                             time.perf_counter() - started, float(metrics["train_seconds"]),
                             int(metrics["groups_trained"]), float(metrics["denoiser_passes_per_group"]),
-                            float(metrics["loss"]), history)
+                            float(metrics["loss"]))

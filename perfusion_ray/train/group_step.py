@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from perfusion_ray.data.group_examples import merchant_records
+from perfusion_ray.models.base import images_to_model
 from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.objectives import GroupLoss, group_preference_terms
 
@@ -34,10 +35,6 @@ class GroupTensors:
     merchant: dict[str, torch.Tensor]  # featurized merchants, one row per group
     labels: torch.Tensor  # [B, K] graded labels
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.labels.shape)
-
 
 @dataclass
 class StepResult:
@@ -48,18 +45,12 @@ class StepResult:
     reward_margin: float  # mean implicit reward of positives minus negatives (for monitoring)
 
 
-def images_to_model(images: np.ndarray) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float [-1, 1] [..., 3, H, W]."""
-    tensor = torch.as_tensor(np.ascontiguousarray(images)).float() / 127.5 - 1.0
-    return tensor.movedim(-1, -3)
-
-
 @torch.no_grad()
 def group_tensors(base, featurize: Callable[[MerchantBatch], dict], batch: dict[str, np.ndarray]) -> GroupTensors:
     """A model batch (data.group_examples.to_model_batch) -> latents, prompt states, merchant features."""
     labels = torch.as_tensor(batch["labels"], dtype=torch.float32)
     groups, k = labels.shape
-    images = images_to_model(batch["images"]).reshape(groups * k, 3, *batch["images"].shape[2:4])
+    images = images_to_model(batch["images"].reshape(groups * k, *batch["images"].shape[2:]))
     latents = base.encode_images(images.to(base.device)).float()
     latents = latents.reshape(groups, k, *latents.shape[1:])
     context = base.encode_prompts([str(p) for p in batch["prompt"]])
@@ -147,8 +138,8 @@ def group_step(denoise, scheduler, batch: GroupTensors, beta: float, variant: st
         pair_labels = torch.tensor([[1.0, 0.0]], device=device).expand(len(group), 2)
         terms = group_preference_terms(policy_err, ref_err, pair_labels, beta, "pairwise", generator, 0.5)
         used = int(torch.unique(group).numel())
-        margin = float((-beta * ((policy_err - ref_err)[:, 0] - (policy_err - ref_err)[:, 1])).detach().mean())
-        return StepResult(terms.loss, used, groups - used, 4 * len(group), margin)
+        return StepResult(terms.loss, used, groups - used, 4 * len(group),
+                          _reward_margin(policy_err.detach(), ref_err, pair_labels, beta, 0.5))
     shape = (groups, 1 if share_noise else k, *latents.shape[2:])
     noise = torch.randn(shape, generator=generator).to(device).expand_as(latents)
     timesteps = _sample_timesteps(scheduler, groups, generator, device, min_timestep)

@@ -159,13 +159,6 @@ class WorldStream:
         return out
 
 
-def to_model_images(images: np.ndarray):
-    """uint8 [B, S, S, 3] -> float tensor [B, 3, S, S] in [-1, 1]."""
-    import torch
-
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 # ---------------------------------------------------------------- bookkeeping
 class Curve:
     """Points of the accuracy-vs-training-time curve, kept in a JSON file in the work folder."""
@@ -272,10 +265,11 @@ def train_classifier(args, train, test, work: Path, curve: Curve) -> dict:
 def evaluate_autoencoder(vae, classifier, batch: Batch) -> dict:
     import torch
 
+    from perfusion_ray.models.base import images_to_model
     from perfusion_ray.world.oracle import colour_probabilities, light_probability
 
     with torch.no_grad():
-        x = to_model_images(batch.images)
+        x = images_to_model(batch.images)
         recon = torch.cat([vae(x[i:i + 256]) for i in range(0, len(x), 256)])
         mse = float(((recon.clamp(-1, 1) - x) ** 2).mean())
         images = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -291,7 +285,7 @@ def train_autoencoder(args, train, test, classifier, work: Path, curve: Curve):
     from torch.nn import functional as F
 
     from perfusion_ray.models.autoencoder import TinyAutoencoder
-    from perfusion_ray.models.base import EMBEDDED_VAE
+    from perfusion_ray.models.base import EMBEDDED_VAE, images_to_model
 
     folder = work / "vae"
     if (folder / "config.json").is_file() and not args.fresh:
@@ -309,7 +303,7 @@ def train_autoencoder(args, train, test, classifier, work: Path, curve: Curve):
     for step in range(total):
         tick = time.time()
         rng = np.random.default_rng([args.seed, 2, step])
-        x = to_model_images(train.batch(rng, args.autoencoder_batch).images)
+        x = images_to_model(train.batch(rng, args.autoencoder_batch).images)
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, total, args.autoencoder_lr, 50, args.autoencoder_lr * 0.05)
         recon = vae(x)
@@ -331,7 +325,7 @@ def train_autoencoder(args, train, test, classifier, work: Path, curve: Curve):
     bar.close()
     vae.eval()
     with torch.no_grad():
-        sample = to_model_images(train.batch(np.random.default_rng([args.seed, 13]), 2048).images)
+        sample = images_to_model(train.batch(np.random.default_rng([args.seed, 13]), 2048).images)
         latents = torch.cat([vae.encode(sample[i:i + 256]).latent_dist.mode() for i in range(0, 2048, 256)])
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -436,7 +430,7 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
     from diffusers import DDPMScheduler
     from torch.nn import functional as F
 
-    from perfusion_ray.models.base import build_embedded
+    from perfusion_ray.models.base import build_embedded, images_to_model
 
     base = build_embedded(seed=args.seed, image_size=train.image_size)
     base.vae = vae.eval().requires_grad_(False)
@@ -503,7 +497,7 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
         batch = train.batch(rng, args.unet_batch)
         prompts = train.prompts(rng, batch)
         with torch.no_grad():
-            latents = vae.encode(to_model_images(batch.images)).latent_dist.mode() * scaling
+            latents = vae.encode(images_to_model(batch.images)).latent_dist.mode() * scaling
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, t)
