@@ -175,7 +175,7 @@ def cmd_align_train(args: argparse.Namespace) -> int:
 
     if not args.offline:
         raise PerfusionError("`perfusion align train` needs --offline (logged groups); the online rounds are "
-                             "`perfusion align` (issue 5)")
+                             "`perfusion align` with no action")
     config = _config(args)
     report = train_alignment(config, resume=args.resume)
     resumed = f", resumed from step {report.resumed_from_step}" if report.resumed_from_step else ""
@@ -183,6 +183,27 @@ def cmd_align_train(args: argparse.Namespace) -> int:
           f"{report.groups_trained} groups in {report.seconds:.0f}s (optimizer loop {report.train_seconds:.0f}s"
           f"{resumed}), {report.denoiser_passes_per_group:.1f} denoiser passes per group, last loss "
           f"{report.final_loss:.3f}; pipeline: {report.pipeline_dir}")
+    return 0
+
+
+def _print_rounds(history: list[dict]) -> None:
+    rows = [(m["round"], f"{m['rm_reward']:.3f}", f"{m['oracle_utility']:.3f}", f"{m['loss']:.3f}",
+             f"{m['reference_gap']:.2e}", m["fresh_partitions"], f"{m['generate_seconds']:.0f}",
+             f"{m['score_seconds']:.1f}", f"{m['optimize_seconds']:.0f}", f"{m['rm_refresh_seconds']:.0f}")
+            for m in history]
+    print(_table(rows, ("round", "RM reward", "oracle utility", "loss", "ref. gap", "fresh partitions",
+                        "generate s", "score s", "optimize s", "RM refresh s")))
+
+
+def cmd_align_online(args: argparse.Namespace) -> int:
+    from perfusion_ray.coordinator import run_online
+
+    config = _config(args)
+    report = run_online(config, resume=args.resume, rm_dir=args.rm)
+    _print_rounds(report.history)
+    resumed = f", resumed from round {report.resumed_from_round}" if report.resumed_from_round else ""
+    print(f"\n{report.rounds} rounds in {report.seconds:.0f}s{resumed}; {len(report.consumed_partitions)} fresh "
+          f"partitions consumed; RM {report.rm_version}; pipeline: {report.pipeline_dir}")
     return 0
 
 
@@ -218,31 +239,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job. For now: simulate FashionWorld feedback, ingest it on Ray Data, print a summary."""
-    from perfusion_ray.data.ingest import ingest
-    from perfusion_ray.data.summary import summarize
-    from perfusion_ray.world.simulator import build_world, simulate
+    """The main job: simulate -> ingest -> RM -> serve -> online rounds -> evaluate -> report."""
+    from perfusion_ray.demo import run_demo
 
-    config = _config(args)
-    if args.quick:
-        config.world.hours = min(config.world.hours, 4)
-        config.world.holdout_requests_per_merchant = min(config.world.holdout_requests_per_merchant, 4)
-    world = build_world(config)
-    print(f"FashionWorld: {len(world.catalogue)} catalogue items, {len(world.merchants.ids)} merchants "
-          f"({int(world.merchants.cold_start.sum())} cold-start), taste family '{world.family.name}'")
-    ceilings = {}
-    for split in ("train", "holdout"):
-        report = simulate(config, split, world)
-        ceilings[split] = report.oracle_gauc
-        print(f"simulated {split}: {report.requests} requests, {report.events} events "
-              f"({report.faulty_events} broken on purpose), {len(report.partitions)} partitions")
-    for split in ("train", "holdout"):
-        _print_ingest(ingest(config, split))
-    for split in ("train", "holdout"):
-        _print_summary(summarize(config.data.root, split, config.data.label_policy))
-    print("\noracle GAUC ceiling (true utilities vs simulated labels): "
-          + ", ".join(f"{split} {value:.3f}" for split, value in ceilings.items()))
-    print(f"store: {Path(config.data.root).absolute()}")
+    metrics = run_demo(_config(args), quick=args.quick, out=args.out)
+    rows = [(split, f"{metrics[f'rm.gauc.{split}']:.3f}", f"{metrics[f'rm.gauc.oracle' + ('' if split == 'seen' else '.cold')]:.3f}",
+             f"{metrics[f'align.utility.base.{split}']:.3f}", f"{metrics[f'align.utility.aligned.{split}']:.3f}",
+             f"{metrics[f'align.win_rate.{split}']:.1%}") for split in ("seen", "cold")]
+    print()
+    print(_table(rows, ("merchants", "RM GAUC", "oracle GAUC", "utility base", "utility aligned", "win rate")))
+    print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} -> "
+          f"{metrics['align.fidelity.class_acc']:.1%}; demo took {metrics['demo.seconds'] / 60:.1f} min")
+    print(f"report: {args.out / 'report.html'} (and report.md); metrics: {args.out / 'metrics.json'}; "
+          f"pipeline: {args.out / 'pipeline'}")
     return 0
 
 
@@ -304,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, help="where to write metrics.json (default <rm.out>/metrics.json)")
     p.set_defaults(handler=cmd_rm_eval)
 
-    align = commands.add_parser("align", help="the personalized generator").add_subparsers(dest="action", required=True)
+    p = commands.add_parser("align", parents=[common], help="the personalized generator: online rounds (no action), "
+                                                          "or train --offline / eval")
+    p.add_argument("--resume", action="store_true", help="continue the rounds from the latest checkpoint of online.out")
+    p.add_argument("--rm", type=Path, help="RM directory served at the start (default serve.model_dir, else <rm.out>/model)")
+    p.set_defaults(handler=cmd_align_online)
+    align = p.add_subparsers(dest="action", required=False)
     p = align.add_parser("train", parents=[common], help="the group objective under Ray Train + DeepSpeed ZeRO")
     p.add_argument("--offline", action="store_true", help="on the logged group examples of the train split")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of align.out")
@@ -321,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("demo", parents=[common], help="the main job on the embedded default")
-    p.add_argument("--quick", action="store_true", help="a smaller smoke version")
+    p.add_argument("--quick", action="store_true", help="a smaller smoke version (a few minutes)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="folder for the report, metrics.json and pipeline/")
     p.set_defaults(handler=cmd_demo)
     return parser
 

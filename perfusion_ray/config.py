@@ -202,6 +202,38 @@ class AlignConfig(DistributedTraining):
     eval: AlignEvalConfig = AlignEvalConfig()
 
 
+class OnlineConfig(Section):
+    """The coordinator's alignment rounds (`perfusion align`): each round consumes fresh feedback, generates
+    groups with the current policy, scores them through the reward endpoint and optimizes the group
+    objective (optimizer, objective and DeepSpeed settings come from the align section)."""
+
+    rounds: int = Field(8, ge=1, description="rounds in total (a resumed run continues up to this many)")
+    requests_per_round: int = Field(16, ge=1, description="on-policy requests per round over all workers (a "
+                                                          "multiple of align.num_workers); K = data.group_size")
+    steps_per_round: int = Field(25, ge=1, description="optimizer steps per round, align.batch_groups groups each")
+    logged_fraction: float = Field(0.5, ge=0, le=1, description="share of each step's groups drawn from logged "
+                                                                "feedback groups; the rest are this round's "
+                                                                "on-policy groups")
+    split: Literal["top_m", "margin"] = Field(
+        "top_m", description="P/N from the RM ranking of a generated group: the top_m best, or every candidate "
+                             "within `margin` of the group's best score (a group with no N is skipped)")
+    top_m: int = Field(1, ge=1, description="candidates in P under split=top_m (below data.group_size)")
+    margin: float = Field(0.5, gt=0, description="RM score distance from the best under split=margin")
+    partitions_per_round: int = Field(4, ge=0, description="fresh feedback partitions consumed per round, oldest "
+                                                           "first (0: every one past the watermark)")
+    rm_refresh_every: int = Field(2, ge=0, description="refresh the RM on the freshly consumed groups every N "
+                                                       "rounds and roll the endpoint to it (0: never)")
+    rm_refresh_epochs: int = Field(1, ge=1, description="passes over the fresh groups per RM refresh")
+    rm_refresh_lr: float = Field(1e-3, gt=0, description="learning rate of the RM refresh (warm start)")
+    live_hours: int = Field(0, ge=0, description="demo: the last N hours of world.hours are held back and "
+                                                 "written into the store while the rounds run")
+    live_interval_s: float = Field(20.0, gt=0, description="demo: seconds between two live feedback hours")
+    seed: int = Field(0, description="request sampling and the workers' noise")
+    tensorboard: bool = Field(True, description="per-round metrics as TensorBoard event files in <out>/tensorboard")
+    out: str = Field("out/online", description="run folder: Ray Train checkpoints, RM versions, the exported "
+                                               "pipeline/, tensorboard/, rounds.jsonl")
+
+
 class ServeConfig(Section):
     """The reward endpoint on Ray Serve (perfusion_ray/serve/): where it binds, what it accepts, how it
     batches and scales. One HTTP proxy per cluster, so host/port/token are shared by every app on it."""
@@ -249,6 +281,58 @@ class ServeConfig(Section):
         return self
 
 
+class DesignConfig(Section):
+    """The design endpoint (perfusion_ray/serve/design_*.py): PerFusionPipeline on Ray Serve. POST /v1/designs
+    returns K personalized candidates (logged as impressions), POST /v1/feedback appends select / click /
+    order / return events to the feedback store, GET / is the merchant page. HTTP host, port and bearer token
+    are config.serve's: one proxy per cluster serves every app."""
+
+    app_name: str = Field("design", min_length=1, description="Serve application name (handles look it up)")
+    route_prefix: str = Field("/design", pattern=r"^/", description="HTTP path prefix: page at <prefix>/, API at "
+                                                                    "<prefix>/v1/... (the reward app owns /)")
+    pipeline_dir: str | None = Field(None, description="PerFusionPipeline directory served first; None: "
+                                                       "<align.out>/pipeline")
+    store_root: str | None = Field(None, description="feedback store the endpoint writes (local path or pyarrow "
+                                                     "URI); None: data.root")
+    split: Literal["train", "holdout"] = Field("train", description="store split impressions and feedback go to")
+    max_k: int = Field(8, ge=1, description="candidates returned per request at most; k defaults to "
+                                            "data.group_size")
+    any_k: bool = Field(False, description="accept a k other than data.group_size (ingest quarantines such groups "
+                                           "as the wrong size: only for callers that do not train on them)")
+    best_of_n: int = Field(0, ge=0, description="0: off; else generate n (>= k) images per request and return the "
+                                                "k the reward app ranks highest (a request may ask its own n)")
+    max_n: int = Field(16, ge=1, description="images generated for one request at most, best-of-n included")
+    reward_app: str | None = Field(None, description="Serve app that ranks best-of-n candidates; None: "
+                                                     "serve.app_name")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies answer 413")
+    max_events_per_feedback: int = Field(64, ge=1, description="events in one POST /v1/feedback at most")
+    rate_limit_per_minute: float = Field(120.0, ge=0, description="design requests per merchant per minute in one "
+                                                                  "replica (0: unlimited); beyond: 429 + Retry-After")
+    rate_limit_burst: int = Field(10, ge=1, description="requests a merchant may send at once before the rate bites")
+    batch_across_merchants: bool = Field(True, description="one pipeline call per batch whatever its merchants; "
+                                                           "false: one call per merchant (the benchmark's baseline)")
+    max_batch_size: int = Field(32, ge=1, description="images per batched pipeline call (@serve.batch counts "
+                                                      "images); a request's n images always share one call")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill after its first "
+                                                                "request")
+    # Replicas: autoscaling bounds and target here, delays and look-back from serve.
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
+    max_replicas: int = Field(1, ge=1, description="autoscaling upper bound (a replica holds a whole pipeline)")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling aims at this many in flight per "
+                                                                  "replica")
+    max_ongoing_requests: int = Field(32, ge=1, description="requests in flight per replica (queued for a batch)")
+    replica_cpus: float = Field(0.5, gt=0, description="logical CPUs per design replica")
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> "DesignConfig":
+        problems = [f"{low} ({getattr(self, low)}) above {high} ({getattr(self, high)})"
+                    for low, high in (("min_replicas", "max_replicas"), ("max_k", "max_n"), ("max_n", "max_batch_size"))
+                    if getattr(self, low) > getattr(self, high)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class ClusterConfig(Section):
     """Where Ray runs. address None: RAY_ADDRESS if set, else a local cluster on 127.0.0.1."""
 
@@ -263,9 +347,34 @@ class PerfusionConfig(Section):
     rm: RMConfig = RMConfig()
     policy: PolicyConfig = PolicyConfig()
     align: AlignConfig = AlignConfig()
+    online: OnlineConfig = OnlineConfig()
     serve: ServeConfig = ServeConfig()
+    design: DesignConfig = DesignConfig()
     cluster: ClusterConfig = ClusterConfig()
     source: str | None = Field(None, description="the file this config was loaded from (set by load_config)")
+
+    @model_validator(mode="after")
+    def _online_fits(self) -> "PerfusionConfig":
+        online = self.online
+        if online.requests_per_round % self.align.num_workers:
+            raise ValueError(f"online.requests_per_round ({online.requests_per_round}) must be a multiple of "
+                             f"align.num_workers ({self.align.num_workers}): every worker generates the same share")
+        if online.split == "top_m" and online.top_m >= self.data.group_size:
+            raise ValueError(f"online.top_m ({online.top_m}) must be below data.group_size ({self.data.group_size})"
+                             ": a group needs negatives")
+        if online.live_hours >= self.world.hours:
+            raise ValueError(f"online.live_hours ({online.live_hours}) must be below world.hours ({self.world.hours})")
+        return self
+
+    def with_absolute_paths(self) -> "PerfusionConfig":
+        """A copy whose local output paths (data.root, rm.out, align.out, online.out) are absolute, for
+        Ray workers and actors, which run in another working directory than the driver."""
+        copy = self.model_copy(deep=True)
+        if "://" not in copy.data.root:
+            copy.data.root = str(Path(copy.data.root).absolute())
+        for section in (copy.rm, copy.align, copy.online):
+            section.out = str(Path(section.out).absolute())
+        return copy
 
     def resolve_input(self, path: Path) -> Path:
         """An input path named in the config, resolved against the config file's folder."""

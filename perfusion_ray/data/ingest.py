@@ -33,6 +33,7 @@ from perfusion_ray.data.schemas import QUARANTINE_SCHEMA, schema_problem
 from perfusion_ray.data.store import StoreLayout, list_partition_files
 from perfusion_ray.data.validation import RowRules, validate_rows
 from perfusion_ray.data.watermark import Watermark
+from perfusion_ray.errors import PerfusionError
 from perfusion_ray.faults import fault_point
 from perfusion_ray.runtime import init_ray
 from perfusion_ray.storage import atomic_write_bytes, atomic_write_json, atomic_write_table, read_json
@@ -137,6 +138,14 @@ def _quarantine_files(layout: StoreLayout, folder: str, rejected: list[tuple[str
     atomic_write_table(table, os.path.join(folder, "quarantine", "files.parquet"), fs)
 
 
+def run_manifest(layout: StoreLayout, run_id: str) -> dict:
+    """A committed run's manifest: run_id, the partition files it consumed, its counts."""
+    manifest = read_json(os.path.join(layout.run_dir(run_id), MANIFEST), filesystem=layout.filesystem)
+    if manifest is None:
+        raise PerfusionError(f"ingest run {run_id} under {layout.ingest} has no manifest (not committed)")
+    return manifest
+
+
 def recover(layout: StoreLayout) -> tuple[Watermark, list[str]]:
     """Delete incomplete runs; count committed runs the watermark missed. Returns (watermark, recovered)."""
     fs = layout.filesystem
@@ -195,13 +204,15 @@ def _run_local(config: PerfusionConfig, layout: StoreLayout, files: list[str], f
     return _assemble_and_write(table, folder, "part-00000", config, run_id, fs)
 
 
-def ingest(config: PerfusionConfig, split: str = "train", engine: str = "ray") -> IngestReport:
-    """Consume every feedback partition past the watermark exactly once. See the module docstring."""
+def ingest(config: PerfusionConfig, split: str = "train", engine: str = "ray", max_files: int = 0) -> IngestReport:
+    """Consume every feedback partition past the watermark exactly once (at most `max_files` of them,
+    oldest event hour first, when it is positive). See the module docstring."""
     started = time.perf_counter()
     layout = StoreLayout(config.data.root, split)
     fs = layout.filesystem
     watermark, recovered = recover(layout)
     files = [name for name in list_partition_files(layout) if name not in watermark.consumed]
+    files = files[:max_files] if max_files > 0 else files
     report = IngestReport(split=split, run_id=None, recovered_runs=recovered, engine=engine)
     if not files:
         report.seconds = time.perf_counter() - started

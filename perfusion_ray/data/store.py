@@ -78,10 +78,11 @@ class StoreLayout:
         infos = self.filesystem.get_file_info(pafs.FileSelector(self.ingest, allow_not_found=True))
         return sorted(i.base_name[4:] for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("run-"))
 
-    def output_files(self, kind: str) -> list[str]:
-        """All committed parquet files of one kind ('groups' or 'quarantine'), in run order."""
+    def output_files(self, kind: str, runs: list[str] | None = None) -> list[str]:
+        """Committed parquet files of one kind ('groups' or 'quarantine'), in run order: of every committed
+        run, or of the given runs only."""
         files = []
-        for run_id in self.committed_runs():
+        for run_id in self.committed_runs() if runs is None else runs:
             folder = os.path.join(self.run_dir(run_id), kind)
             infos = self.filesystem.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
             files += sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))

@@ -167,6 +167,23 @@ def comparison_grid(evaluation: AlignEvaluation, k: int, merchants: int = 6) -> 
     return np.concatenate(rows, axis=0) if rows else np.zeros((0, 0, 3), np.uint8)
 
 
+def same_prompt_grid(config: PerfusionConfig, pipeline, base_pipeline, prompt: str, merchants: list[dict],
+                     seed: int = 0) -> np.ndarray:
+    """One prompt and one seed for everyone: the first row is the base model's K images, then one row of
+    aligned images per merchant, so what differs between rows is the merchant alone."""
+    k = config.align.eval.images_per_request
+    latents = torch.randn((k, *pipeline.base.latent_shape), generator=torch.Generator().manual_seed(seed))
+    options = dict(num_images_per_prompt=k, output_type="np", num_inference_steps=config.policy.num_inference_steps,
+                   guidance_scale=config.policy.guidance_scale,
+                   personalize_unconditional=config.policy.personalize_unconditional)
+    base = base_pipeline([prompt], merchant=None, latents=latents, **options).images
+    aligned = pipeline([prompt] * len(merchants), merchant=merchants, latents=latents.repeat(len(merchants), 1, 1, 1),
+                       **options).images
+    rows = [base] + [aligned[i * k:(i + 1) * k] for i in range(len(merchants))]
+    gap = np.full((4, k * base.shape[2], 3), 255, np.uint8)
+    return np.concatenate([np.concatenate([gap, np.concatenate(list(row), axis=1)]) for row in rows])[4:]
+
+
 def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_dir: str | Path | None = None
                        ) -> AlignEvaluation:
     """Load the exported pipeline, evaluate it, write metrics.json and grid.png into out_dir."""

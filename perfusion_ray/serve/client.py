@@ -114,15 +114,25 @@ class RewardHandleClient:
     def _fields(merchant: Merchant | None) -> dict:
         return (merchant or Merchant()).as_fields()
 
-    def score(self, prompt: str, images, merchant: Merchant | None = None) -> ScoreResult:
+    def _wait(self, response) -> ScoreResult:
         try:
-            raw = self._handle.score.remote(prompt, images, self._fields(merchant)).result(timeout_s=self.timeout_s)
+            raw = response.result(timeout_s=self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - re-raised, unwrapped when it is ours
             unwrapped = _unwrap(exc)
             if isinstance(unwrapped, RewardRequestError):
                 raise unwrapped from None
             raise
         return _result(raw)
+
+    def score(self, prompt: str, images, merchant: Merchant | None = None) -> ScoreResult:
+        return self._wait(self._handle.score.remote(prompt, images, self._fields(merchant)))
+
+    def score_groups(self, prompts: Sequence[str], groups: Sequence, merchants: Sequence[Merchant | None]
+                     ) -> list[ScoreResult]:
+        """Score several groups at once: every request is in flight together, so the replicas batch them."""
+        responses = [self._handle.score.remote(prompt, images, self._fields(merchant))
+                     for prompt, images, merchant in zip(prompts, groups, merchants, strict=True)]
+        return [self._wait(response) for response in responses]
 
     async def score_async(self, prompt: str, images, merchant: Merchant | None = None) -> ScoreResult:
         try:

@@ -43,6 +43,7 @@ class StepResult:
     groups_skipped: int
     denoiser_passes: int  # policy + reference forward passes over single candidates
     reward_margin: float  # mean implicit reward of positives minus negatives (for monitoring)
+    reference_gap: float = 0.0  # mean |policy error - reference error| per candidate: distance from the reference
 
 
 @torch.no_grad()
@@ -139,7 +140,8 @@ def group_step(denoise, scheduler, batch: GroupTensors, beta: float, variant: st
         terms = group_preference_terms(policy_err, ref_err, pair_labels, beta, "pairwise", generator, 0.5)
         used = int(torch.unique(group).numel())
         return StepResult(terms.loss, used, groups - used, 4 * len(group),
-                          _reward_margin(policy_err.detach(), ref_err, pair_labels, beta, 0.5))
+                          _reward_margin(policy_err.detach(), ref_err, pair_labels, beta, 0.5),
+                          _reference_gap(policy_err, ref_err))
     shape = (groups, 1 if share_noise else k, *latents.shape[2:])
     noise = torch.randn(shape, generator=generator).to(device).expand_as(latents)
     timesteps = _sample_timesteps(scheduler, groups, generator, device, min_timestep)
@@ -150,7 +152,12 @@ def group_step(denoise, scheduler, batch: GroupTensors, beta: float, variant: st
                                               positive_threshold)
     passes = (2 if with_reference else 1) * groups * k
     return StepResult(terms.loss, terms.groups_used, terms.groups_skipped, passes,
-                      _reward_margin(policy_err.detach(), ref_err, labels, beta, positive_threshold))
+                      _reward_margin(policy_err.detach(), ref_err, labels, beta, positive_threshold),
+                      _reference_gap(policy_err, ref_err))
+
+
+def _reference_gap(policy_err: torch.Tensor, ref_err: torch.Tensor) -> float:
+    return float((policy_err.detach() - ref_err).abs().mean())
 
 
 def _reward_margin(policy_err, ref_err, labels, beta: float, threshold: float) -> float:

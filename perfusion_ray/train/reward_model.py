@@ -57,6 +57,15 @@ def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> to
     return engine(**model.inputs(MerchantBatch.from_records(merchants), prompts, images)).view(batch["labels"].shape)
 
 
+def ranking_loss(model: PerFusionRM, engine, batch: dict[str, np.ndarray], kind: str = "pl",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The RM's group ranking loss on a model batch: Plackett-Luce over graded labels, or all-pairs logistic."""
+    scores, labels = batch_scores(model, engine, batch), torch.as_tensor(batch["labels"])
+    if kind == "pl":
+        return plackett_luce_loss(scores, labels, generator)[0]
+    return pairwise_logistic_loss(scores, labels)[0]
+
+
 def _validation_gauc(model, engine, shard, batch_groups: int, threshold: float) -> float:
     """Size-weighted GAUC over every worker's validation shard (sums all-reduced)."""
     engine.eval()
@@ -115,9 +124,7 @@ def train_loop_per_worker(loop: dict) -> None:
                 else:
                     cache = None  # too big: stream every epoch
             groups_trained += len(batch["labels"])
-            scores, labels = batch_scores(model, engine, batch), torch.as_tensor(batch["labels"])
-            loss, _ = plackett_luce_loss(scores, labels, generator) if rm.loss == "pl" else \
-                pairwise_logistic_loss(scores, labels)
+            loss = ranking_loss(model, engine, batch, rm.loss, generator)
             strategy.step(engine, loss)
             losses.append(loss.item())
             fetch_started = time.perf_counter()

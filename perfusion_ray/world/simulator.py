@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.data.image_store import ImageStore
+from perfusion_ray.data.events import event_id, event_times
 from perfusion_ray.data.labels import graded_labels, is_positive
 from perfusion_ray.data.schemas import EVENT_TYPES, FEEDBACK_EVENT_SCHEMA
 from perfusion_ray.data.store import StoreLayout, write_partition
@@ -111,7 +113,7 @@ class _HourBuilder:
         for position, item, time_us in zip(positions, candidates[positions], times_us):
             n = counter.get((position, event_type), 0)
             counter[(position, event_type)] = n + 1
-            c["event_id"].append(f"{request_id}.{position}.{event_type}.{n}")
+            c["event_id"].append(event_id(request_id, int(position), event_type, n))
             c["time_us"].append(int(time_us))
             c["request"].append(request_id)
             c["merchant"].append(merchant)
@@ -125,11 +127,10 @@ class _HourBuilder:
         c = self.columns
         merchant = np.array(c["merchant"], dtype=np.int64)
         candidate = np.array(c["candidate"], dtype=np.int64)
-        times = np.datetime_as_string(np.array(c["time_us"], dtype="datetime64[us]"), unit="us")
         ids = world.merchants.ids
         return pa.table({
             "event_id": pa.array(c["event_id"], pa.string()),
-            "event_time": pa.array([t + "Z" for t in times], pa.string()),
+            "event_time": pa.array(event_times(c["time_us"]), pa.string()),
             "request_id": pa.array(c["request"], pa.string()),
             "merchant_id": pa.array([ids[m] for m in merchant], pa.string()),
             "merchant_features": _map_column(world.merchants.features, merchant, pa.string()),
@@ -190,9 +191,27 @@ def _schedule(world: World, split: str) -> list[tuple[dt.datetime, np.ndarray]]:
     return [(cfg.start_time + dt.timedelta(hours=cfg.hours + h), chunk) for h, chunk in enumerate(chunks)]
 
 
+def draw_requests(world: World, requesters: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """What each requesting merchant asks for: (class [n], asked colour/shade/pattern [n, 3], -1 = left open).
+    The class follows the merchant's category focus; each attribute is omitted with its omit probability."""
+    cfg = world.config.world
+    n = len(requesters)
+    cumulative = np.cumsum(world.merchants.category_probs[requesters], axis=1)
+    classes = np.minimum((rng.random((n, 1)) > cumulative).sum(1), cumulative.shape[1] - 1)
+    attribute_sizes = (len(COLOURS), len(SHADES), len(PATTERNS))
+    omit = (cfg.omit.colour, cfg.omit.shade, cfg.omit.pattern)
+    asked = np.stack([np.where(rng.random(n) < p_omit, -1, rng.integers(0, size, n))
+                      for size, p_omit in zip(attribute_sizes, omit)], axis=1)
+    return classes, asked
+
+
 def simulate(config: PerfusionConfig, split: str = "train", world: World | None = None,
-             progress: bool = True) -> SimulationReport:
-    """Simulate a split ('train': the stream of seen merchants; 'holdout': seen and cold-start) into the store."""
+             progress: bool = True, hours: Sequence[int] | None = None) -> SimulationReport:
+    """Simulate a split ('train': the stream of seen merchants; 'holdout': seen and cold-start) into the store.
+
+    hours: only these hour indices of the split's schedule (each hour is seeded on its own, so writing
+    hours in several calls gives the same bytes as one call); None: all of them.
+    """
     started = time.perf_counter()
     world = world or build_world(config)
     cfg, k, policy = config.world, config.data.group_size, config.data.label_policy
@@ -203,17 +222,13 @@ def simulate(config: PerfusionConfig, split: str = "train", world: World | None 
             (("click", shoppers.click_rate), ("order", shoppers.order_rate), ("return", shoppers.return_rate))}
     report = SimulationReport(split=split)
     utilities, positives, group_ids = [], [], []
-    schedule = _schedule(world, split)
-    for hour_index, (hour, requesters) in enumerate(tqdm(schedule, desc=f"simulate {split}", unit="hour",
-                                                          disable=not progress)):
+    schedule = list(enumerate(_schedule(world, split)))
+    if hours is not None:
+        schedule = [schedule[h] for h in hours]
+    for hour_index, (hour, requesters) in tqdm(schedule, desc=f"simulate {split}", unit="hour", disable=not progress):
         rng = np.random.default_rng([cfg.seed, 4, 0 if split == "train" else 1, hour_index])
         n = len(requesters)
-        cumulative = np.cumsum(world.merchants.category_probs[requesters], axis=1)
-        classes = np.minimum((rng.random((n, 1)) > cumulative).sum(1), cumulative.shape[1] - 1)
-        attribute_sizes = (len(COLOURS), len(SHADES), len(PATTERNS))
-        omit = (cfg.omit.colour, cfg.omit.shade, cfg.omit.pattern)
-        asked = np.stack([np.where(rng.random(n) < p_omit, -1, rng.integers(0, size, n))
-                          for size, p_omit in zip(attribute_sizes, omit)], axis=1)
+        classes, asked = draw_requests(world, requesters, rng)
         starts = rng.integers(0, 3000 * 10**6, n)  # request times, leaving room for its feedback in the hour
         hour_us = int(hour.timestamp() * 10**6)
         builder = _HourBuilder()

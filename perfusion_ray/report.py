@@ -1,0 +1,173 @@
+"""report.md and report.html of a demo run: what a platform team looks at first.
+
+Sections: the reward model's GAUC against its baselines and the oracle ceiling; reward and oracle
+utility per online round (plot); base vs aligned images (several merchants on one prompt and seed, and
+held-out requests); the fidelity check; where the time went. Figures are PNG files beside the reports
+(report_files/), referenced by both.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FILES = "report_files"
+
+
+@dataclass
+class ReportInputs:
+    metrics: dict[str, float]  # the flat metrics.json of the run
+    rm_table: dict[str, dict[str, dict[str, float]]]  # scorer -> seen/cold -> metric -> value
+    rounds: list[dict]  # per-round metrics of the online loop
+    stage_seconds: dict[str, float]  # wall time per demo stage
+    grids: dict[str, np.ndarray] = field(default_factory=dict)  # caption -> uint8 image
+    notes: list[str] = field(default_factory=list)  # facts worth a line (sizes, paths, partitions)
+    machine: str = ""
+
+
+def plot_rounds(rounds: list[dict], path: Path) -> None:
+    """RM reward and oracle utility of each round's on-policy groups, and the loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index = [m["round"] for m in rounds]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for axis, key, title in zip(axes, ("rm_reward", "oracle_utility", "loss"),
+                                ("RM reward (on-policy groups)", "oracle utility (on-policy groups)",
+                                 "group objective loss")):
+        axis.plot(index, [m[key] for m in rounds], marker="o")
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("round")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _save_image(array: np.ndarray, path: Path, scale: int = 3) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(array)
+    image.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def _rm_rows(table: dict) -> list[tuple[str, str, str, str, str]]:
+    names = {"perfusion_rm": "PerFusionRM", "no_plugin": "plug-in off", "clip_zero_shot": "CLIP zero-shot",
+             "random": "random", "oracle": "oracle ceiling", "oracle_side_features": "side-feature oracle"}
+    return [(names.get(scorer, scorer), f"{subsets['seen']['gauc']:.3f}", f"{subsets['cold']['gauc']:.3f}",
+             f"{subsets['seen']['map']:.3f}", f"{subsets['cold']['map']:.3f}") for scorer, subsets in table.items()]
+
+
+def _alignment_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for split, suffix in (("seen merchants", ".seen"), ("cold-start merchants", ".cold")):
+        rows.append((split, f"{metrics[f'align.utility.base{suffix}']:.3f}",
+                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", f"{metrics[f'align.win_rate{suffix}']:.1%}",
+                     f"{metrics.get(f'align.personalization{suffix}', float('nan')):+.3f}"))
+    return rows
+
+
+def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    rows = [("class accuracy", f"{metrics['align.fidelity.class_acc.base']:.1%}",
+             f"{metrics['align.fidelity.class_acc']:.1%}")]
+    if "align.fidelity.colour_acc" in metrics:
+        rows.append(("requested colour is dominant", f"{metrics['align.fidelity.colour_acc.base']:.1%}",
+                     f"{metrics['align.fidelity.colour_acc']:.1%}"))
+    return rows
+
+
+def _round_rows(rounds: list[dict]) -> list[tuple]:
+    return [(m["round"], f"{m['rm_reward']:.3f}", f"{m['oracle_utility']:.3f}", f"{m['loss']:.3f}",
+             m["fresh_partitions"], f"{m['generate_seconds']:.0f}", f"{m['score_seconds']:.1f}",
+             f"{m['optimize_seconds']:.0f}", f"{m['rm_refresh_seconds']:.0f}", m.get("rm_version", ""))
+            for m in rounds]
+
+
+TABLES = {
+    "rm": ("held-out groups", "GAUC seen", "GAUC cold", "MAP seen", "MAP cold"),
+    "align": ("held-out requests", "utility base", "utility aligned", "win rate", "personalization"),
+    "fidelity": ("fidelity", "base", "aligned"),
+    "rounds": ("round", "RM reward", "oracle utility", "loss", "fresh partitions", "generate s", "score s",
+               "optimize s", "RM refresh s", "RM version"),
+    "time": ("stage", "seconds"),
+}
+
+
+def _markdown_table(header: tuple, rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: tuple, rows: list[tuple]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _sections(inputs: ReportInputs, figures: dict[str, str]) -> list[tuple[str, str, list]]:
+    """(title, kind, payload) in reading order; kind is table, figure or text."""
+    m = inputs.metrics
+    ahead = {split: m[f"align.utility.aligned.{split}"] > m[f"align.utility.base.{split}"] for split in ("seen", "cold")}
+    verdict = ("The aligned policy is ahead of the base on oracle utility for seen and cold-start merchants."
+               if all(ahead.values()) else
+               "The aligned policy is NOT ahead of the base on oracle utility for: "
+               + ", ".join(split for split, ok in ahead.items() if not ok) + ".")
+    sections = [
+        ("Summary", "text", [verdict] + inputs.notes),
+        ("Reward model on held-out groups", "table", [TABLES["rm"], _rm_rows(inputs.rm_table)]),
+        ("Online rounds", "figure", [figures["rounds"], "RM reward, oracle utility and loss per round"]),
+        ("Per round", "table", [TABLES["rounds"], _round_rows(inputs.rounds)]),
+        ("Aligned vs base on held-out requests", "table", [TABLES["align"], _alignment_rows(m)]),
+        ("Fidelity check (reward hacking would show here)", "table", [TABLES["fidelity"], _fidelity_rows(m)]),
+    ]
+    for caption, name in figures.items():
+        if name != figures["rounds"]:
+            sections.append((caption, "figure", [name, caption]))
+    sections.append(("Where the time went", "table",
+                     [TABLES["time"], [(stage, f"{s:.0f}") for stage, s in inputs.stage_seconds.items()]]))
+    if inputs.machine:
+        sections.append(("Machine", "text", [inputs.machine]))
+    return sections
+
+
+def write_report(inputs: ReportInputs, out: Path) -> tuple[Path, Path]:
+    """Write out/report.md, out/report.html and their figures; returns the two report paths."""
+    from perfusion_ray.storage import atomic_write_bytes
+
+    files = out / FILES
+    files.mkdir(parents=True, exist_ok=True)
+    figures = {"rounds": f"{FILES}/rounds.png"}
+    plot_rounds(inputs.rounds, out / figures["rounds"])
+    for i, (caption, grid) in enumerate(inputs.grids.items()):
+        name = f"{FILES}/grid-{i}.png"
+        _save_image(grid, out / name)
+        figures[caption] = name
+    sections = _sections(inputs, figures)
+    markdown, body = ["# PerFusion demo report"], []
+    for title, kind, payload in sections:
+        markdown.append(f"\n## {title}\n")
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        if kind == "table":
+            markdown.append(_markdown_table(*payload))
+            body.append(_html_table(*payload))
+        elif kind == "figure":
+            markdown.append(f"![{payload[1]}]({payload[0]})")
+            body.append(f'<figure><img src="{payload[0]}" alt="{html.escape(payload[1])}">'
+                        f"<figcaption>{html.escape(payload[1])}</figcaption></figure>")
+        else:
+            markdown += [f"- {line}" for line in payload]
+            body.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in payload) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{image-rendering:pixelated;max-width:100%}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>PerFusion demo report</title>"
+            f"<style>{style}</style></head><body><h1>PerFusion demo report</h1>{''.join(body)}</body></html>")
+    md_path, html_path = out / "report.md", out / "report.html"
+    atomic_write_bytes(str(md_path), ("\n".join(markdown) + "\n").encode())
+    atomic_write_bytes(str(html_path), page.encode())
+    return md_path, html_path

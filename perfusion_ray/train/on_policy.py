@@ -1,0 +1,71 @@
+"""On-policy groups of a round: the reward model's ranking of a generated group -> P/N labels, and the
+mix of on-policy and logged groups in each optimizer step. Pure numpy; no Ray, no I/O."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def reward_labels(scores: np.ndarray, split: str = "top_m", top_m: int = 1, margin: float = 0.5) -> np.ndarray:
+    """Binary labels [B, K] (1 = P) from RM scores [B, K].
+
+    top_m: the m best of each group (ties broken by position, so exactly m); margin: every candidate
+    within `margin` of its group's best score, so a group whose candidates all score alike has no N and
+    carries no gradient (the objective counts it as skipped).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be [groups, K >= 2], got shape {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or inf")
+    if split == "top_m":
+        if not 1 <= top_m < scores.shape[1]:
+            raise ValueError(f"top_m must be in [1, K): {top_m} for K={scores.shape[1]}")
+        order = np.argsort(-scores, axis=1, kind="stable")
+        labels = np.zeros_like(scores, dtype=np.float32)
+        np.put_along_axis(labels, order[:, :top_m], 1.0, axis=1)
+        return labels
+    if split == "margin":
+        return (scores >= scores.max(axis=1, keepdims=True) - margin).astype(np.float32)
+    raise ValueError(f"unknown split {split!r} (top_m or margin)")
+
+
+def mix_sizes(batch_groups: int, logged_fraction: float, logged_available: int, policy_available: int) -> tuple[int, int]:
+    """(logged, on-policy) groups in one step of `batch_groups`: the configured share, falling back to the
+    other source when one is empty."""
+    if logged_available == 0 and policy_available == 0:
+        raise ValueError("no groups to train on: neither logged nor on-policy")
+    logged = int(round(batch_groups * logged_fraction))
+    if policy_available == 0:
+        logged = batch_groups
+    if logged_available == 0:
+        logged = 0
+    return logged, batch_groups - logged
+
+
+def take(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The given rows of a model batch (every column)."""
+    return {name: column[rows] for name, column in batch.items()}
+
+
+def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Model batches stacked row-wise (same columns)."""
+    batches = [b for b in batches if len(b["labels"])]
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def generated_batch(request_ids: list[str], merchants: list[dict], prompts: list[str], images: np.ndarray,
+                    labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Generated groups in the model-batch layout of data.group_examples.to_model_batch.
+    images uint8 [B, K, H, W, 3]; labels [B, K]; merchants: records with merchant_features/merchant_stats."""
+    return {
+        "request_id": np.array(request_ids, dtype=object),
+        "merchant_id": np.array([m["merchant_id"] for m in merchants], dtype=object),
+        "merchant_json": np.array([json.dumps([m.get("merchant_features") or {}, m.get("merchant_stats") or {}])
+                                   for m in merchants], dtype=object),
+        "prompt": np.array(prompts, dtype=object),
+        "images": np.asarray(images, dtype=np.uint8),
+        "labels": np.asarray(labels, dtype=np.float32),
+    }
