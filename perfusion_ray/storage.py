@@ -37,17 +37,22 @@ def _tmp_sibling(path: str) -> str:
     return os.path.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex}-{tail}")
 
 
+def _write_local_sibling(path: str, data: bytes) -> str:
+    """`data` in a complete, synced temporary file beside `path` (created with its folder); returns its path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _tmp_sibling(path)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one, never a part."""
     path = str(path)
     if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = _tmp_sibling(path)
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(_write_local_sibling(path, data), path)
         return
     # Object stores publish a PUT atomically; a temp + move would only add a copy.
     filesystem.create_dir(os.path.dirname(path), recursive=True)
@@ -68,11 +73,16 @@ def read_json(path: str | os.PathLike, default: Any = None, filesystem: pafs.Fil
         return default
 
 
-def atomic_write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None = None) -> None:
-    """Write a parquet file atomically. Same table, same bytes (no timestamps in the metadata)."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A parquet file's bytes. Same table, same bytes (no timestamps in the metadata)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    atomic_write_bytes(path, sink.getvalue().to_pybytes(), filesystem)
+    return sink.getvalue().to_pybytes()
+
+
+def atomic_write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None = None) -> None:
+    """Write a parquet file atomically. Same table, same bytes (no timestamps in the metadata)."""
+    atomic_write_bytes(path, parquet_bytes(table), filesystem)
 
 
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -89,3 +99,26 @@ def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> N
         os.replace(target, retired)
     os.replace(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def atomic_create_bytes(path: str | os.PathLike, data: bytes, filesystem: pafs.FileSystem | None = None) -> bool:
+    """Write `data` to `path` only if nothing is there yet; True when this call created it.
+
+    Local files: a complete temporary file is hard-linked to `path`, which fails when `path` exists, so of two
+    concurrent writers exactly one wins and a reader sees the whole file or none. Other filesystems have no
+    exclusive create in pyarrow's API: check, then write (two writers racing on one path may both win).
+    """
+    path = str(path)
+    if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+        tmp = _write_local_sibling(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    atomic_write_bytes(path, data, filesystem)
+    return True

@@ -42,3 +42,33 @@ def subprocess_env(ray_cluster) -> dict[str, str]:
     env = dict(os.environ)
     env["RAY_ADDRESS"] = ray_cluster
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory) -> dict[str, "os.PathLike"]:
+    """Two saved PerFusionPipeline versions of the shipped base model: v1 (adapter at init: the base model) and
+    v2 (adapter joins perturbed: merchants move its images)."""
+    import torch
+
+    from perfusion_ray.config import PolicyConfig
+    from perfusion_ray.models.base import load_base
+    from perfusion_ray.models.merchant_encoder import MerchantBatch
+    from perfusion_ray.models.policy import build_policy, policy_pipeline
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pipelines")
+    base = load_base("embedded")
+    merchants = MerchantBatch.from_records([{"merchant_id": f"m{i}", "merchant_features": {"region": "east"},
+                                             "merchant_stats": {"price_level": 1.0}} for i in range(4)])
+    folders = {}
+    for name, perturb in (("v1", False), ("v2", True)):
+        torch.manual_seed(0)
+        policy = build_policy(base.unet, PolicyConfig(), stat_names=("price_level",), merchants=merchants)
+        if perturb:
+            with torch.no_grad():  # stand-ins for trained joins, so the branch moves outputs
+                controlnet = policy.adapter.controlnet
+                for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_cond_embedding.conv_out]:
+                    torch.nn.init.normal_(block.weight, std=0.05)
+        folders[name] = root / name
+        policy_pipeline(base, policy).save_pretrained(str(folders[name]))
+    return folders

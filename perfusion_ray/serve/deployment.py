@@ -18,7 +18,6 @@ request fails and every score names the version that produced it.
 
 # No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
 import asyncio
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +28,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
+from perfusion_ray.serve.http import authorize, parse_object, proxy_host, read_body, refusal_response
 from perfusion_ray.serve.images import array_images, decode_images
-from perfusion_ray.serve.model_store import ServedModel, load_served_model
+from perfusion_ray.serve.model_store import ServedModel, load_served_model, load_user_config
 from perfusion_ray.serve.schemas import (MerchantFields, RewardRequestError, ScoreRequest, describe_validation_error,
                                          reject)
-from perfusion_ray.serve.security import authorized, check_bind
+from perfusion_ray.serve.security import check_bind
 
 logger = logging.getLogger("ray.serve")
 DEPLOYMENT_NAME = "RewardModel"
@@ -65,15 +65,6 @@ def _images_in(jobs: list[_Job]) -> int:
     return sum(len(job.images) for job in jobs)
 
 
-def _proxy_host() -> str | None:
-    """The host Serve's HTTP proxies bind, as the controller knows it."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    config = ray.get(_get_global_client()._controller.get_http_config.remote())
-    return config.host
-
-
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class RewardModel:
@@ -85,23 +76,16 @@ class RewardModel:
         self.token = bearer_token
         # Refuse to serve on a non-loopback proxy without a token, however the app was deployed
         # (`perfusion serve` checks before binding; `serve run`/`serve deploy` bind first).
-        check_bind(_proxy_host(), self.token)
+        check_bind(proxy_host(), self.token)
         self._served: ServedModel | None = None
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="rm-score")
 
     # ------------------------------------------------------------ model versions
     async def reconfigure(self, user_config: dict) -> None:
-        """{model_dir, max_batch_size?, batch_wait_timeout_s?, revision?}: load, then swap in one assignment.
-        `revision` is free-form: change it to reload a directory whose content was replaced in place."""
-        unknown = set(user_config) - {"model_dir", "max_batch_size", "batch_wait_timeout_s", "revision"}
-        if unknown or "model_dir" not in user_config:
-            raise ValueError(f"user_config needs model_dir and takes max_batch_size, batch_wait_timeout_s, revision; "
-                             f"got {sorted(user_config)}")
-        served = await asyncio.to_thread(load_served_model, user_config["model_dir"])
+        """{model_dir, max_batch_size?, batch_wait_timeout_s?, revision?}: load, then swap in one assignment."""
+        served = await load_user_config(user_config, "model_dir", load_served_model, self._score_batch,
+                                        self.limits.max_batch_size, self.limits.batch_wait_timeout_s)
         previous, self._served = self._served, served
-        self._score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.limits.max_batch_size)))
-        self._score_batch.set_batch_wait_timeout_s(
-            float(user_config.get("batch_wait_timeout_s", self.limits.batch_wait_timeout_s)))
         logger.info("reward model %s -> %s (%s)", previous.version if previous else None, served.version,
                     served.model_dir)
 
@@ -159,31 +143,9 @@ class RewardModel:
         return {"model_version": served.version, "model_dir": served.model_dir, "image_size": served.image_size}
 
     # ------------------------------------------------------------ HTTP
-    def _authorize(self, request: Request) -> None:
-        if not authorized(request.headers.get("authorization"), self.token):
-            raise reject(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise reject(413, "body_too_large", f"body of {declared} bytes exceeds {limit} (serve.max_body_bytes)")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise reject(413, "body_too_large", f"body exceeds {limit} bytes (serve.max_body_bytes)")
-        return bytes(body)
-
     async def _http_score(self, request: Request) -> dict:
-        self._authorize(request)
-        body = await self._read_body(request)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise reject(400, "malformed_json", f"body is not valid JSON ({exc})") from None
-        if not isinstance(payload, dict):
-            raise reject(422, "invalid_request", f"body must be a JSON object, got {type(payload).__name__}")
+        authorize(request, self.token)
+        payload = parse_object(await read_body(request, self.limits.max_body_bytes, "serve.max_body_bytes"))
         if isinstance(payload.get("images"), list):
             self._check_count(len(payload["images"]))  # before decoding anything
         try:
@@ -200,17 +162,16 @@ class RewardModel:
         try:
             result = await self._http_score(request)
         except RewardRequestError as exc:
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+            return refusal_response(exc)
         result["scores"] = result["scores"].tolist()
         return JSONResponse(result)
 
     @api.get("/v1/version")
     async def http_version(self, request: Request) -> JSONResponse:
         try:
-            self._authorize(request)
+            authorize(request, self.token)
         except RewardRequestError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers={"WWW-Authenticate": "Bearer"})
+            return refusal_response(exc)
         return JSONResponse(self.version())
 
     @api.get("/healthz")

@@ -104,3 +104,9 @@ def encode_png(array: np.ndarray) -> bytes:
 
 def to_base64_png(array: np.ndarray) -> str:
     return base64.b64encode(encode_png(array)).decode("ascii")
+
+
+def decode_png_array(data: bytes) -> np.ndarray:
+    """PNG bytes (from a trusted producer, e.g. our own endpoint) -> uint8 [H, W, 3]."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -92,22 +92,26 @@ class ScoreResult:
 class RewardRequestError(Exception):
     """A request the endpoint refused: HTTP status, a machine-readable kind and a human reason.
 
-    Raised inside the replica on the handle path and by both clients, so callers catch one type.
+    Raised inside the replica on the handle path and by both clients, so callers catch one type (the
+    design endpoint's refusals too). retry_after_s: set on 429 (the HTTP answer's Retry-After).
     """
 
-    def __init__(self, status: int, kind: str, reason: str):
+    def __init__(self, status: int, kind: str, reason: str, retry_after_s: float | None = None):
         super().__init__(f"{status} {kind}: {reason}")
-        self.status, self.kind, self.reason = status, kind, reason
+        self.status, self.kind, self.reason, self.retry_after_s = status, kind, reason, retry_after_s
 
     def __reduce__(self):  # survives pickling through Ray
-        return type(self), (self.status, self.kind, self.reason)
+        return type(self), (self.status, self.kind, self.reason, self.retry_after_s)
 
     def body(self) -> dict:
-        return {"error": self.kind, "reason": self.reason}
+        body = {"error": self.kind, "reason": self.reason}
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = round(self.retry_after_s, 3)
+        return body
 
 
-def reject(status: int, kind: str, reason: str) -> RewardRequestError:
-    return RewardRequestError(status, kind, reason)
+def reject(status: int, kind: str, reason: str, retry_after_s: float | None = None) -> RewardRequestError:
+    return RewardRequestError(status, kind, reason, retry_after_s)
 
 
 def describe_validation_error(exc) -> str:

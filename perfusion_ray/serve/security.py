@@ -34,11 +34,12 @@ def resolve_token(bearer_token: str | None, bearer_token_env: str | None) -> str
     return token or None
 
 
-def check_bind(host: str | None, token: str | None, env_name: str = "PERFUSION_SERVE_TOKEN") -> None:
+def check_bind(host: str | None, token: str | None, env_name: str = "PERFUSION_SERVE_TOKEN",
+               what: str = "the reward endpoint") -> None:
     """Refuse a non-loopback bind address without a bearer token."""
     if not is_loopback(host) and not token:
         raise PerfusionError(
-            f"refusing to serve the reward endpoint on {host!r} without a bearer token: anything but loopback "
+            f"refusing to serve {what} on {host!r} without a bearer token: anything but loopback "
             f"(127.0.0.1) needs one",
             hint=f"export {env_name}=<secret> (or set serve.bearer_token), or keep serve.host=127.0.0.1")
 

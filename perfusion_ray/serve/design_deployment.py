@@ -1,0 +1,335 @@
+"""The design endpoint as one Serve deployment: PerFusionPipeline behind FastAPI routes and handle methods.
+
+  POST /v1/designs   {merchant: {id, features, stats}, prompt, k?, n?, seed?} -> K candidates (design_schemas.py)
+  POST /v1/feedback  {request_id, token, events: [{event_id, type, position, value?}]} -> accepted / duplicates
+  GET  /v1/version   -> {model_version, pipeline_dir, image_size}
+  GET  /v1/merchants -> FashionWorld merchants for the page's picker
+  GET  /v1/images/<sha256> -> a stored candidate PNG
+  GET  / (and /ui)   the merchant page (web/index.html); GET /healthz
+  handle.design.remote(request_dict), handle.feedback.remote(request_dict), handle.version.remote()
+
+Requests from every merchant meet in one @serve.batch queue that counts images; a batch is one pipeline
+call whatever its merchants (the merchant is per-sample conditioning), unless design.batch_across_merchants
+is false, then one call per merchant (the benchmark's baseline). Each request's starting noise comes from
+its own seed, so an answer does not depend on what it was batched with. Every returned candidate is in the
+store as an impression before the answer leaves (design_feedback.py); feedback is written, then acknowledged.
+
+A new policy version arrives as a new user_config ({pipeline_dir, ...}); reconfigure() loads it beside the
+old one and swaps one reference, so a batch runs on, and reports, the version it started with.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
+import asyncio
+import base64
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import ValidationError
+from ray import serve
+
+from perfusion_ray.serve.design_feedback import DesignStore
+from perfusion_ray.serve.design_limits import RateLimiter
+from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, FeedbackRequest
+from perfusion_ray.serve.http import authorize, parse_object, proxy_host, read_body, refusal_response
+from perfusion_ray.serve.model_store import Served, load_user_config, pipeline_version, resolve_path
+from perfusion_ray.serve.schemas import Merchant, RewardRequestError, describe_validation_error, reject
+from perfusion_ray.serve.security import check_bind
+
+logger = logging.getLogger("ray.serve")
+DEPLOYMENT_NAME = "DesignModel"
+WEB_PAGE = Path(__file__).parent / "web" / "index.html"
+LOCK_STRIPES = 64
+
+api = FastAPI(title="PerFusion design endpoint", description=__doc__.splitlines()[0])
+
+
+@dataclass(frozen=True)
+class DesignSettings:
+    """Everything the replica needs from the config (design_app.settings builds it)."""
+
+    store_root: str
+    split: str
+    group_size: int
+    max_k: int
+    any_k: bool
+    best_of_n: int
+    max_n: int
+    reward_app: str
+    max_body_bytes: int
+    max_events_per_feedback: int
+    rate_limit_per_minute: float
+    rate_limit_burst: int
+    batch_across_merchants: bool
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    num_inference_steps: int
+    guidance_scale: float
+    personalize_unconditional: bool
+    route_prefix: str
+    merchants: tuple = ()  # [{id, features, stats, cold_start}] offered by the page
+
+
+@dataclass
+class _Job:
+    """One request's images, queued for a batch."""
+
+    merchant: Merchant
+    prompt: str
+    n: int
+    seed: int
+
+
+def _images_in(jobs: list[_Job]) -> int:
+    return sum(job.n for job in jobs)
+
+
+def load_served_pipeline(folder: str) -> Served:
+    """Load with one torch thread and pay the first-call warm-up before traffic arrives."""
+    import torch
+
+    from perfusion_ray.models.pipeline import PerFusionPipeline
+
+    torch.set_num_threads(1)
+    folder = resolve_path(folder)
+    pipeline = PerFusionPipeline.from_pretrained(str(folder))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline(["warm-up"], merchant=[{"merchant_id": "warm-up"}], num_inference_steps=1, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+    return Served(pipeline, pipeline_version(folder), str(folder), pipeline.base.image_size)
+
+
+def generate(served: Served, jobs: list[_Job], settings: DesignSettings) -> list[np.ndarray]:
+    """uint8 [n, H, W, 3] per job from one pipeline call; each job's noise comes from its own seed."""
+    import torch
+
+    from perfusion_ray.models.merchant_encoder import MerchantBatch
+
+    pipe = served.model
+    shape = pipe.base.latent_shape
+    latents = torch.cat([torch.randn((job.n, *shape), generator=torch.Generator().manual_seed(job.seed))
+                         for job in jobs])
+    per_image = [job for job in jobs for _ in range(job.n)]
+    merchants = MerchantBatch([j.merchant.id for j in per_image], [dict(j.merchant.features) for j in per_image],
+                              [dict(j.merchant.stats) for j in per_image])
+    images = pipe([j.prompt for j in per_image], merchant=merchants, latents=latents, output_type="np",
+                  num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                  personalize_unconditional=settings.personalize_unconditional, batch_size=len(per_image)).images
+    out, start = [], 0
+    for job in jobs:
+        out.append(images[start:start + job.n])
+        start += job.n
+    return out
+
+
+def _merchant_groups(jobs: list[_Job]) -> list[list[int]]:
+    """Job indices grouped by merchant id, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(job.merchant.id, []).append(index)
+    return list(groups.values())
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class DesignModel:
+    def __init__(self, settings: dict, bearer_token: str | None = None):
+        import torch
+
+        torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
+        self.settings = DesignSettings(**settings)
+        self.token = bearer_token
+        check_bind(proxy_host(), self.token, what="the design endpoint")
+        self.store = DesignStore(self.settings.store_root, self.settings.split)
+        self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)
+        self._served: Served | None = None
+        self._generator = ThreadPoolExecutor(1, thread_name_prefix="design-generate")
+        self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
+        self._ranker = None
+        self.batches: list[int] = []  # pipeline calls' image counts, newest last (bounded; for tests/benchmarks)
+
+    # ------------------------------------------------------------ policy versions
+    async def reconfigure(self, user_config: dict) -> None:
+        """{pipeline_dir, max_batch_size?, batch_wait_timeout_s?, revision?}: load, then swap in one assignment."""
+        served = await load_user_config(user_config, "pipeline_dir", load_served_pipeline, self._generate_batch,
+                                        self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
+        previous, self._served = self._served, served
+        logger.info("design policy %s -> %s (%s)", previous.version if previous else None, served.version,
+                    served.model_dir)
+
+    def check_health(self) -> None:
+        if self._served is None:
+            raise RuntimeError("no pipeline loaded")
+
+    # ------------------------------------------------------------ batched generation
+    def _run(self, served: Served, jobs: list[_Job]) -> list[np.ndarray]:
+        if self.settings.batch_across_merchants:
+            groups = [list(range(len(jobs)))]
+        else:
+            groups = _merchant_groups(jobs)
+        out: list = [None] * len(jobs)
+        for group in groups:
+            for index, images in zip(group, generate(served, [jobs[i] for i in group], self.settings)):
+                out[index] = images
+            self.batches = (self.batches + [sum(jobs[i].n for i in group)])[-1000:]
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
+    async def _generate_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray, Served]]:
+        served = self._served  # the whole batch uses, and reports, this one policy
+        images = await asyncio.get_running_loop().run_in_executor(self._generator, self._run, served, jobs)
+        return [(group, served) for group in images]
+
+    # ------------------------------------------------------------ designs
+    def _sizes(self, request: DesignRequest) -> tuple[int, int]:
+        s = self.settings
+        k = request.k or s.group_size
+        if k > s.max_k:
+            raise reject(422, "k_too_large", f"k: {k}, the limit is {s.max_k} (design.max_k)")
+        if k != s.group_size and not s.any_k:
+            raise reject(422, "k_not_group_size", f"k: {k}, this endpoint serves groups of {s.group_size} "
+                                                  f"(data.group_size), the size ingest reads (design.any_k allows "
+                                                  f"others)")
+        n = request.n or max(k, s.best_of_n)
+        if n < k:
+            raise reject(422, "n_below_k", f"n: {n} images cannot give k={k} candidates (n >= k)")
+        if n > s.max_n:
+            raise reject(422, "n_too_large", f"n: {n}, the limit is {s.max_n} images per request (design.max_n)")
+        return k, n
+
+    async def _rank(self, request: DesignRequest, images: np.ndarray, k: int) -> tuple[np.ndarray, list, str]:
+        """The k best of n by the reward app: (order, their scores, RM version)."""
+        from perfusion_ray.serve.client import RewardHandleClient
+
+        if self._ranker is None:
+            self._ranker = RewardHandleClient(self.settings.reward_app)
+        result = await self._ranker.score_async(request.prompt, images, request.merchant.as_merchant())
+        order = np.argsort(-result.scores, kind="stable")[:k]
+        return order, [float(result.scores[i]) for i in order], result.model_version
+
+    async def _design(self, request: DesignRequest) -> dict:
+        from perfusion_ray.data.image_store import encode_png
+
+        k, n = self._sizes(request)
+        wait = self.limiter.acquire(request.merchant.id)
+        if wait is not None:
+            raise reject(429, "rate_limited", f"merchant {request.merchant.id!r} is over "
+                                              f"{self.settings.rate_limit_per_minute:g} designs per minute "
+                                              f"(design.rate_limit_per_minute); retry in {wait:.1f}s", wait)
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        merchant = request.merchant.as_merchant()
+        images, served = await self._generate_batch(_Job(merchant, request.prompt, n, seed))
+        scores, reward_version = None, None
+        if n > k:
+            order, scores, reward_version = await self._rank(request, images, k)
+            images = images[order]
+        pngs = [encode_png(image) for image in images]
+        record, token = await asyncio.to_thread(self.store.log_request, merchant, request.prompt, pngs, served.version,
+                                                seed, n, scores, reward_version)
+        prefix = self.settings.route_prefix.rstrip("/")
+        return {"request_id": record.request_id, "token": token, "model_version": served.version, "seed": seed,
+                "k": k, "n": n, "reward_version": reward_version,
+                "candidates": [{"position": c.position, "image": png, "sha256": c.image_sha256,
+                                "url": f"{prefix}/v1/images/{c.image_sha256}", "score": c.score}
+                               for c, png in zip(record.candidates, pngs)]}
+
+    async def _feedback(self, request: FeedbackRequest) -> dict:
+        if len(request.events) > self.settings.max_events_per_feedback:
+            raise reject(422, "too_many_events", f"events: {len(request.events)} in one request, the limit is "
+                                                 f"{self.settings.max_events_per_feedback} "
+                                                 f"(design.max_events_per_feedback)")
+        record = await asyncio.to_thread(self.store.authorized_request, request.request_id, request.token)
+        events = [FeedbackEvent(e.type, e.position, e.event_id, e.value) for e in request.events]
+        async with self._locks[hash(request.request_id) % LOCK_STRIPES]:
+            result = await asyncio.to_thread(self.store.append_feedback, record, events)
+        return {"request_id": result.request_id, "accepted": result.accepted, "duplicates": result.duplicates}
+
+    @staticmethod
+    def _parse(model, payload: dict):
+        try:
+            return model.model_validate(payload)
+        except ValidationError as exc:
+            raise reject(422, "invalid_request", describe_validation_error(exc)) from None
+
+    # ------------------------------------------------------------ handle path (in-cluster callers)
+    async def design(self, request: dict) -> dict:
+        """Same checks as HTTP except the bearer token; candidates carry PNG bytes. Raises RewardRequestError."""
+        return await self._design(self._parse(DesignRequest, request))
+
+    async def feedback(self, request: dict) -> dict:
+        return await self._feedback(self._parse(FeedbackRequest, request))
+
+    def version(self) -> dict:
+        served = self._served
+        return {"model_version": served.version, "pipeline_dir": served.model_dir, "image_size": served.image_size}
+
+    def batch_sizes(self) -> list[int]:
+        """Images per pipeline call in this replica, newest last (tests and benchmarks read it)."""
+        return list(self.batches)
+
+    # ------------------------------------------------------------ HTTP
+    async def _http(self, request: Request, model, handler) -> JSONResponse:
+        try:
+            authorize(request, self.token)
+            payload = parse_object(await read_body(request, self.settings.max_body_bytes, "design.max_body_bytes"))
+            result = await handler(self._parse(model, payload))
+        except RewardRequestError as exc:
+            return refusal_response(exc)
+        for candidate in result.get("candidates", []):
+            candidate["image"] = base64.b64encode(candidate["image"]).decode("ascii")
+        return JSONResponse(result)
+
+    @api.post("/v1/designs")
+    async def http_designs(self, request: Request) -> JSONResponse:
+        return await self._http(request, DesignRequest, self._design)
+
+    @api.post("/v1/feedback")
+    async def http_feedback(self, request: Request) -> JSONResponse:
+        return await self._http(request, FeedbackRequest, self._feedback)
+
+    async def _authorized_json(self, request: Request, body) -> Response:
+        try:
+            authorize(request, self.token)
+        except RewardRequestError as exc:
+            return refusal_response(exc)
+        return JSONResponse(body() if callable(body) else body)
+
+    @api.get("/v1/version")
+    async def http_version(self, request: Request) -> Response:
+        return await self._authorized_json(request, self.version)
+
+    @api.get("/v1/merchants")
+    async def http_merchants(self, request: Request) -> Response:
+        return await self._authorized_json(request, {"merchants": list(self.settings.merchants)})
+
+    @api.get("/v1/images/{digest}")
+    async def http_image(self, digest: str, request: Request) -> Response:
+        try:
+            authorize(request, self.token)
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise reject(404, "unknown_image", f"{digest!r} is not an image sha256")
+            data = await asyncio.to_thread(self.store.image_bytes, f"{digest[:2]}/{digest}.png")
+        except FileNotFoundError:
+            return refusal_response(reject(404, "unknown_image", f"no stored image {digest}"))
+        except RewardRequestError as exc:
+            return refusal_response(exc)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=31536000, immutable"})
+
+    @api.get("/")
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(WEB_PAGE.read_text())
+
+    @api.get("/ui")
+    async def page_ui(self) -> HTMLResponse:
+        return HTMLResponse(WEB_PAGE.read_text())
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        if self._served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok"})
