@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.ingest import machine
+from perfusion_ray.runtime import machine
 from perfusion_ray.config import load_config
 
 RUNS = {  # name -> (variant, adapter)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,18 +21,12 @@ from pathlib import Path
 
 import psutil
 
+from perfusion_ray.runtime import machine
+
 REPO = Path(__file__).resolve().parents[1]
 EVENTS_PER_REQUEST = 14  # what the default FashionWorld produces, measured
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    memory = psutil.virtual_memory().total / 2**30
-    return f"{platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | {memory:.0f} GiB | Python {platform.python_version()}"
 
 
 def overrides(root: Path, events: int) -> list[str]:

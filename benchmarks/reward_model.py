@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.ingest import machine
+from perfusion_ray.runtime import machine
 from perfusion_ray.config import load_config
 from perfusion_ray.data.group_examples import candidate_rows, read_groups, to_model_batch
 from perfusion_ray.data.store import StoreLayout

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.ingest import machine
+from perfusion_ray.runtime import machine
 from perfusion_ray.config import ClusterConfig, load_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_reward.txt"

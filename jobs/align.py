@@ -1,12 +1,12 @@
-"""`ray job submit` entrypoint: align the personalized generator on the cluster
-(`perfusion align train --offline`: the group objective on the logged group examples of the train split,
-Ray Train + DeepSpeed ZeRO, exported to <align.out>/pipeline).
+"""`ray job submit` entrypoint: the online alignment rounds on the cluster (`perfusion align`: the
+coordinator serves the RM, keeps Ray Train + DeepSpeed workers alive across rounds, consumes fresh feedback
+past the watermark, generates and scores on-policy groups, optimizes the group objective, checkpoints
+every round, and exports <online.out>/pipeline).
 
     ray job submit --working-dir . -- python jobs/align.py --config configs/fashionworld.yaml
 
-The online coordinator rounds (generate, score through the reward endpoint, optimize, on fresh feedback)
-do not exist yet; when they do, this entrypoint switches to them. Extra arguments go to
-`perfusion align train` unchanged (`--set ...`, `--resume`).
+Extra arguments go to `perfusion align` unchanged (`--set ...`, `--resume` after a crash). Offline
+alignment on logged groups alone is `perfusion align train --offline`.
 """
 
 import sys
@@ -14,4 +14,4 @@ import sys
 from perfusion_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["align", "train", "--offline", *sys.argv[1:]]))
+    sys.exit(main(["align", *sys.argv[1:]]))

@@ -8,7 +8,6 @@ and out/pipeline (the saved PerFusionPipeline).
 
 from __future__ import annotations
 
-import platform
 import threading
 import time
 from contextlib import contextmanager
@@ -82,14 +81,6 @@ class LiveFeed(threading.Thread):
         self.join()
 
 
-def _machine() -> str:
-    import os
-
-    import psutil
-
-    return (f"{platform.node()}: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}, Python {platform.python_version()}")
-
 
 def _showcase_grid(config: PerfusionConfig, pipeline_dir: Path, world) -> tuple[str, object]:
     """Several merchants (seen and cold-start, different segments) on one open prompt and one seed."""
@@ -139,16 +130,40 @@ def fresh_store(config: PerfusionConfig, out: Path) -> None:
                              hint=f"point data.root at an empty folder, or inside {out}")
 
 
+def simulate_before_the_loop(config: PerfusionConfig, world) -> dict[str, float]:
+    """The training stream minus its last online.live_hours hours, and the held-out split; returns the
+    oracle GAUC ceiling of each."""
+    from perfusion_ray.world.simulator import simulate
+
+    train_hours = range(config.world.hours - config.online.live_hours)
+    return {"train": simulate(config, "train", world, hours=train_hours).oracle_gauc,
+            "holdout": simulate(config, "holdout", world).oracle_gauc}
+
+
+def ingest_both_splits(config: PerfusionConfig) -> None:
+    from perfusion_ray.data.ingest import ingest
+
+    for split in ("train", "holdout"):
+        report = ingest(config, split)
+        print(f"  {split}: {report.counts.groups} groups, {report.counts.rows_quarantined} rows quarantined "
+              f"with reasons, {report.counts.files_quarantined} files quarantined")
+
+
+def live_hours(config: PerfusionConfig) -> list[int]:
+    """The hours of the training stream that arrive while the online rounds run."""
+    return list(range(config.world.hours - config.online.live_hours, config.world.hours))
+
+
 def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out")) -> dict:
     """Every stage of the module docstring; returns the flat metrics written to out/metrics.json."""
     from perfusion_ray.coordinator import run_online
-    from perfusion_ray.data.ingest import ingest
     from perfusion_ray.evaluation.alignment import comparison_grid, evaluate_alignment
     from perfusion_ray.evaluation.reward_model import evaluate_reward_models
     from perfusion_ray.report import ReportInputs, write_report
+    from perfusion_ray.runtime import machine
     from perfusion_ray.storage import atomic_write_json, replace_directory
     from perfusion_ray.train.reward_model import train_reward_model
-    from perfusion_ray.world.simulator import build_world, simulate
+    from perfusion_ray.world.simulator import build_world
 
     started = time.perf_counter()
     config = quick_config(config) if quick else config
@@ -159,22 +174,16 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
     with stages.stage("simulate FashionWorld"):
         fresh_store(config, out)
         world = build_world(config)
-        train_hours = list(range(config.world.hours - live))
-        ceilings = {"train": simulate(config, "train", world, hours=train_hours).oracle_gauc,
-                    "holdout": simulate(config, "holdout", world).oracle_gauc}
+        ceilings = simulate_before_the_loop(config, world)
     with stages.stage("ingest (Ray Data)"):
-        for split in ("train", "holdout"):
-            report = ingest(config, split)
-            print(f"  {split}: {report.counts.groups} groups, {report.counts.rows_quarantined} rows quarantined "
-                  f"with reasons, {report.counts.files_quarantined} files quarantined")
+        ingest_both_splits(config)
     with stages.stage("train the reward model (Ray Train + DeepSpeed)"):
         rm_report = train_reward_model(config)
     with stages.stage("evaluate the reward model"):
         evaluation = evaluate_reward_models(config, rm_report.model_dir, None)
         metrics.update(evaluation.flat_metrics())
     with stages.stage(f"serve the RM and run {config.online.rounds} online rounds while feedback arrives"):
-        feed = LiveFeed(config, world, list(range(config.world.hours - live, config.world.hours)),
-                        config.online.live_interval_s)
+        feed = LiveFeed(config, world, live_hours(config), config.online.live_interval_s)
         feed.start()
         try:
             online = run_online(config, rm_dir=rm_report.model_dir)
@@ -202,7 +211,7 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
                  f"{online.rounds} rounds)",
                  f"reward model {online.rm_version}; pipeline saved to {out / 'pipeline'}",
                  f"total {metrics['demo.seconds'] / 60:.1f} min{' (--quick)' if quick else ''}"]
-        write_report(ReportInputs(metrics, evaluation.table, online.history, stages.seconds, grids, notes, _machine()),
+        write_report(ReportInputs(metrics, evaluation.table, online.history, stages.seconds, grids, notes, machine()),
                      out)
         atomic_write_json(out / "metrics.json", dict(sorted(metrics.items())))
     return metrics

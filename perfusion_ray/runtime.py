@@ -93,3 +93,18 @@ def init_ray(cluster: "ClusterConfig | None" = None):
             log_to_driver=True,
         )
     return ray
+
+
+def machine() -> str:
+    """One line naming the machine a measurement ran on (benchmarks and reports print it)."""
+    import platform
+
+    import psutil
+
+    cpu = platform.processor() or "unknown cpu"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{platform.node()} | {cpu} | {os.cpu_count()} logical CPUs | {memory:.0f} GiB | Python {platform.python_version()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -44,6 +45,13 @@ def subprocess_env(ray_cluster) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory) -> dict[str, "os.PathLike"]:
     """Two saved PerFusionPipeline versions of the shipped base model: v1 (adapter at init: the base model) and
@@ -72,3 +80,50 @@ def tiny_pipelines(tmp_path_factory) -> dict[str, "os.PathLike"]:
         folders[name] = root / name
         policy_pipeline(base, policy).save_pretrained(str(folders[name]))
     return folders
+
+
+class LoadRun:
+    """What `under_load` saw: the action's result, (time, version) of every answer, the failures, and when the
+    action started and finished."""
+
+    def __init__(self):
+        self.result = None
+        self.seen: list[tuple[float, str]] = []
+        self.failures: list[str] = []
+        self.started = self.finished = 0.0
+
+    def versions(self, margin_s: float = 0.1) -> tuple[set[str], set[str]]:
+        """The versions that answered before the action started, and after it finished (+ margin)."""
+        return ({v for t, v in self.seen if t < self.started},
+                {v for t, v in self.seen if t > self.finished + margin_s})
+
+
+def under_load(request, action, workers: int = 4, settle_s: float = 1.0, join_s: float = 120.0) -> LoadRun:
+    """Run `action()` (e.g. a roll-out) while `workers` threads loop on `request(worker)`, which returns the
+    version that answered; any exception it raises is a failure."""
+    import threading
+    import time
+
+    run, stop = LoadRun(), threading.Event()
+
+    def loop(worker: int) -> None:
+        while not stop.is_set():
+            try:
+                run.seen.append((time.monotonic(), request(worker)))
+            except Exception as exc:  # noqa: BLE001 - every failure counts
+                run.failures.append(repr(exc))
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(settle_s)
+    run.started = time.monotonic()
+    try:
+        run.result = action()
+    finally:
+        run.finished = time.monotonic()
+        time.sleep(settle_s)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=join_s)
+    return run

@@ -8,7 +8,6 @@ import os
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,14 +20,14 @@ import perfusion_ray.cli
 from perfusion_ray.config import load_config
 from perfusion_ray.data.store import StoreLayout
 from perfusion_ray.runtime import LOOPBACK, worker_env_vars
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = {  # entrypoint -> the CLI command(s) it must run, in order
     "ingest": [["data", "ingest"]],
     "train_rm": [["rm", "train"]],
     "serve_rm": [["serve", "--detach"]],
-    "align": [["align", "train", "--offline"]],
+    "align": [["align"]],
     "evaluate": [["rm", "eval"], ["align", "eval"]],
     "demo": [["demo"]],
 }
@@ -68,12 +67,6 @@ def test_evaluate_stops_at_the_first_failure(monkeypatch):
 
 
 # ---------------------------------------------------------------- a real `ray job submit`
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 class LocalHead:
     """`ray start --head --block` in its own session: every process it starts shares its process group,
     so stopping it is SIGTERM (Ray's own orderly shutdown of that node) then SIGKILL to that group only."""
@@ -81,7 +74,7 @@ class LocalHead:
     def __init__(self):
         # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="pfj", dir="/tmp")
-        self.dashboard_port = _free_port()
+        self.dashboard_port = free_port()
         bin_dir = Path(sys.executable).parent
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(worker_env_vars())
@@ -94,10 +87,10 @@ class LocalHead:
         self.env = env
         command = [
             str(bin_dir / "ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
-            f"--port={_free_port()}", "--num-cpus=2", f"--dashboard-host={LOOPBACK}",
+            f"--port={free_port()}", "--num-cpus=2", f"--dashboard-host={LOOPBACK}",
             f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true", f"--temp-dir={self.temp_dir}",
             # Ports with fixed defaults another cluster on this machine may already hold.
-            f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
             "--disable-usage-stats",
         ]
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")

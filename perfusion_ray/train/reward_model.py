@@ -51,6 +51,15 @@ def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_id
                              stat_names=stat_names, known_ids=known_ids)
 
 
+def export_untrained(config: PerfusionConfig, folder: str | Path) -> Path:
+    """An untrained PerFusionRM for the merchants of the committed train groups, exported to `folder`
+    (a served model for runs that measure the loop rather than the reward: tests, benchmarks)."""
+    _, files = committed_group_files(config.data.root, "train")
+    merchants, stat_names, _ = distinct_merchants(files)
+    model_config = reward_model_config(config, stat_names, sorted(m["merchant_id"] for m in merchants))
+    return save_reward_model(PerFusionRM(load_clip(config.rm.clip), model_config), folder)
+
+
 def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> torch.Tensor:
     """Scores [B, K] of a model batch, through the engine (so ZeRO hooks run)."""
     merchants, prompts, images = candidate_rows(batch)

@@ -1,0 +1,57 @@
+"""The pure parts of an online round: P/N from the RM ranking, the on-policy/logged mix, batch layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perfusion_ray.train.on_policy import concat, generated_batch, mix_sizes, reward_labels, take
+
+
+def test_top_m_puts_exactly_the_m_best_in_p():
+    scores = np.array([[0.1, 0.9, 0.5, 0.2], [3.0, -1.0, 2.0, 2.5]])
+    assert reward_labels(scores, "top_m", top_m=1).tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]
+    assert reward_labels(scores, "top_m", top_m=2).tolist() == [[0, 1, 1, 0], [1, 0, 0, 1]]
+
+
+def test_top_m_breaks_ties_by_position_so_p_has_exactly_m():
+    labels = reward_labels(np.zeros((1, 4)), "top_m", top_m=1)
+    assert labels.tolist() == [[1, 0, 0, 0]]
+
+
+def test_margin_keeps_everything_near_the_best_and_can_leave_no_negatives():
+    scores = np.array([[1.0, 0.8, 0.2, 0.0], [1.0, 0.95, 0.9, 0.99]])
+    labels = reward_labels(scores, "margin", margin=0.3)
+    assert labels.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]  # the second group carries no gradient
+
+
+@pytest.mark.parametrize("scores, kwargs, message", [
+    (np.zeros((2, 1)), {}, "K >= 2"),
+    (np.array([[0.0, np.nan]]), {}, "NaN"),
+    (np.zeros((1, 4)), {"top_m": 4}, "top_m"),
+    (np.zeros((1, 4)), {"split": "best"}, "unknown split"),
+])
+def test_bad_scores_or_rules_are_clear_errors(scores, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reward_labels(scores, **kwargs)
+
+
+def test_mix_follows_the_share_and_falls_back_to_the_other_source():
+    assert mix_sizes(8, 0.5, logged_available=100, policy_available=4) == (4, 4)
+    assert mix_sizes(8, 0.25, logged_available=100, policy_available=4) == (2, 6)
+    assert mix_sizes(8, 0.5, logged_available=0, policy_available=4) == (0, 8)
+    assert mix_sizes(8, 0.5, logged_available=100, policy_available=0) == (8, 0)
+    with pytest.raises(ValueError, match="no groups"):
+        mix_sizes(8, 0.5, 0, 0)
+
+
+def test_generated_groups_have_the_logged_batch_layout():
+    images = np.zeros((2, 4, 32, 32, 3), np.uint8)
+    merchants = [{"merchant_id": "m1", "merchant_features": {"tier": "a"}, "merchant_stats": {"gmv": 1.0}},
+                 {"merchant_id": "m2"}]
+    batch = generated_batch(["r1", "r2"], merchants, ["a dress", "a bag"], images, np.eye(2, 4))
+    assert set(batch) == {"request_id", "merchant_id", "merchant_json", "prompt", "images", "labels"}
+    assert batch["images"].shape == (2, 4, 32, 32, 3) and batch["labels"].dtype == np.float32
+    both = concat([batch, take(batch, np.array([1]))])
+    assert both["request_id"].tolist() == ["r1", "r2", "r2"]
+    assert both["merchant_json"][2] == '[{}, {}]'
