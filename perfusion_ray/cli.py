@@ -328,8 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for metrics.json and grid.png (default <align.out>/eval)")
     p.set_defaults(handler=cmd_align_eval)
 
-    p = commands.add_parser("serve", parents=[common], help="the reward model as a Ray Serve endpoint (127.0.0.1)")
-    p.add_argument("--model", type=Path, help="RM directory (default serve.model_dir, else <rm.out>/model)")
+    p = commands.add_parser("serve", parents=[common], help="the reward model, or (--app design) the design "
+                                                            "endpoint and merchant page, on Ray Serve (127.0.0.1)")
+    p.add_argument("--app", choices=("reward", "design"), default="reward", help="which application (default reward)")
+    p.add_argument("--model", type=Path, help="RM directory (default serve.model_dir, else <rm.out>/model); with "
+                                              "--app design, the PerFusionPipeline directory (default "
+                                              "design.pipeline_dir, else <align.out>/pipeline)")
     p.add_argument("--detach", action="store_true", help="deploy or roll out to RAY_ADDRESS's cluster and return")
     p.add_argument("--duration", type=float, default=0, help="seconds to serve before stopping (0: until Ctrl-C)")
     p.set_defaults(handler=cmd_serve)

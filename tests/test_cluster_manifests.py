@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER = CLUSTER / "aws_gpu.yaml"
 KUBERAY = {name: CLUSTER / f"{name}.yaml" for name in ("raycluster", "rayjob_align", "rayservice_reward")}
-MANIFESTS = [LAUNCHER, *KUBERAY.values(), CLUSTER / "serve_reward.yaml"]
+MANIFESTS = [LAUNCHER, *KUBERAY.values(), CLUSTER / "serve_reward.yaml", CLUSTER / "serve_design.yaml"]
 GPU_CONFIG = REPO / "configs" / "sd15.yaml"
 RAY_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}  # the package asks for no custom resource
 K8S_RESOURCES = {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"}
@@ -100,6 +100,24 @@ def test_serve_configs_are_valid_and_match_the_package(which):
     if which == "rayservice":  # the GPU config's exported RM, on the shared volume
         assert app["deployments"][0]["user_config"]["model_dir"] == str(Path(loaded.rm.out) / "model")
         assert loaded.rm.out.startswith("/mnt/shared/")
+
+
+def test_serve_design_is_valid_and_matches_the_package():
+    from ray.serve.schema import ServeDeploySchema
+
+    from perfusion_ray.serve import design_app
+
+    config = _load(CLUSTER / "serve_design.yaml")
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == design_app.IMPORT_PATH
+    assert [d["name"] for d in app["deployments"]] == [design_app.DEPLOYMENT_NAME]
+    assert set(app["args"]) <= {"config", "set", "pipeline_dir"}  # what build_app accepts
+    assert set(app["deployments"][0]["user_config"]) == {"pipeline_dir"}
+    loaded = load_config(REPO / app["args"]["config"], app["args"].get("set") or [])
+    assert app["name"] == loaded.design.app_name and app["route_prefix"] == loaded.design.route_prefix
+    assert config["http_options"] == _load(CLUSTER / "serve_reward.yaml")["http_options"]  # one proxy for both
+    assert app["deployments"][0]["user_config"]["pipeline_dir"] == design_app.default_pipeline_dir(loaded)
 
 
 def test_rayservice_and_serve_reward_describe_the_same_app():

@@ -11,10 +11,8 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from perfusion_ray.serve.client import RewardClient, RewardHandleClient
 from perfusion_ray.serve.images import encode_png, to_base64_png
 from perfusion_ray.serve.schemas import Merchant, RewardRequestError
 from perfusion_ray.serve.security import check_bind
+from tests.conftest import free_port, under_load
 
 pytestmark = pytest.mark.ray
 
@@ -42,11 +41,6 @@ SERVE_YAML = REPO_ROOT / "cluster" / "serve_reward.yaml"
 FEATURES = {"region": "south", "tier": "small"}
 STATS = {"price_level": 1.5}
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _make_rm(folder: Path, version: str, seed: int) -> Path:
@@ -85,7 +79,7 @@ def service(ray_cluster, tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serve")
     models = {"v1": _make_rm(root / "v1", "v1", 0), "v2": _make_rm(root / "v2", "v2", 1)}
-    port = _free_port()
+    port = free_port()
     template = yaml.safe_load(SERVE_YAML.read_text())["applications"][0]
     common = [f"serve.port={port}", "serve.max_images_per_request=8", "serve.max_body_bytes=65536"]
     apps = {
@@ -292,40 +286,22 @@ def test_new_version_rolls_out_under_load_with_no_failed_request(service):
     images = _images(4, seed=7)
     merchant = Merchant("m0", FEATURES, STATS)
     expected = {service.versions[name]: service.expected(name, merchant, "a dress", images) for name in ("v1", "v2")}
-    seen: list[tuple[float, str]] = []
-    failures: list[str] = []
-    stop = threading.Event()
+    clients = [RewardClient(service.url, token=TOKEN) for _ in range(4)]
 
-    def hammer():
-        client = RewardClient(service.url, token=TOKEN)
-        while not stop.is_set():
-            try:
-                result = client.score("a dress", images, merchant)
-                # each answer is scored by exactly the version it names
-                if not np.allclose(result.scores, expected[result.model_version], rtol=1e-5, atol=1e-5):
-                    failures.append(f"scores do not match {result.model_version}")
-                seen.append((time.monotonic(), result.model_version))
-            except Exception as exc:  # noqa: BLE001 - every failure counts
-                failures.append(repr(exc))
+    def request(worker: int) -> str:
+        result = clients[worker].score("a dress", images, merchant)
+        # each answer is scored by exactly the version it names
+        assert np.allclose(result.scores, expected[result.model_version], rtol=1e-5, atol=1e-5), \
+            f"scores do not match {result.model_version}"
+        return result.model_version
+
+    run = under_load(request, lambda: reward_app.rollout(service.models["v2"], "reward"), workers=4)
+    for client in clients:
         client.close()
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    rolled_at = time.monotonic()
-    version = reward_app.rollout(service.models["v2"], "reward")
-    done_at = time.monotonic()
-    time.sleep(1.0)
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert version == service.versions["v2"]
-    assert failures == []
-    before = [v for t, v in seen if t < rolled_at]
-    after = [v for t, v in seen if t > done_at + 0.1]
-    assert before and set(before) == {service.versions["v1"]}
-    assert after and set(after) == {service.versions["v2"]}
-    assert done_at - rolled_at < 30
+    assert run.result == service.versions["v2"]
+    assert run.failures == []
+    before, after = run.versions()
+    assert before == {service.versions["v1"]} and after == {service.versions["v2"]}
+    assert run.finished - run.started < 30
     # the other declarative app was left alone
     assert requests.get(f"{service.url}/strict/v1/version", timeout=30).json()["model_version"] == service.versions["v1"]

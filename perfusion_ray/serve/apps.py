@@ -13,6 +13,8 @@ The reward app (reward_app.py) and the design app (design_app.py) are thin uses 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -206,3 +208,39 @@ def rollout_user_config(app_name: str, deployment_name: str, user_config: dict, 
             return expected_version
         time.sleep(0.2)
     raise PerfusionError(f"rollout of {expected_version} to {app_name!r} not complete after {timeout_s:.0f}s")
+
+
+@dataclass(frozen=True)
+class AppKind:
+    """One kind of perfusion application: how its applications: entry, user_config and roll-out look.
+
+    The model directory is named in user_config under `folder_key` (model_dir, pipeline_dir); the app's
+    name and route prefix come from its config section (config.serve, config.design)."""
+
+    import_path: str
+    deployment_name: str
+    folder_key: str
+    default_app: str
+    section: Callable[[PerfusionConfig], object]  # -> a section with app_name and route_prefix
+    default_folder: Callable[[PerfusionConfig], str]
+    version_of: Callable[[Path], str]
+    hint: str
+
+    def user_config(self, folder: str | Path, **extra) -> dict:
+        return {self.folder_key: str(resolve_path(folder)), **extra}
+
+    def entry(self, config: PerfusionConfig, config_path: str | Path | None = None,
+              overrides: list[str] | None = None, **user_config) -> dict:
+        """One `applications:` entry of a Serve config file; user_config[folder_key] defaults to the config's
+        directory, other keyword arguments join user_config (e.g. revision)."""
+        folder = user_config.pop(self.folder_key, None) or self.default_folder(config)
+        section = self.section(config)
+        return application_entry(section.app_name, section.route_prefix, self.import_path, self.deployment_name,
+                                 self.user_config(folder, **user_config), config_path, overrides)
+
+    def rollout(self, folder: str | Path, app_name: str | None = None, timeout_s: float = 180.0, **extra) -> str:
+        """Roll a new directory out to the running app by changing only its user_config; replicas reconfigure in
+        place and keep answering. Returns the new version once every replica serves it."""
+        folder = resolve_path(folder)
+        return rollout_user_config(app_name or self.default_app, self.deployment_name,
+                                   self.user_config(folder, **extra), self.version_of(folder), timeout_s, self.hint)

@@ -1,8 +1,10 @@
-"""`perfusion serve`: start (or roll out) the reward endpoint from the config.
+"""`perfusion serve`: start (or roll out) the reward endpoint, or with --app design the design endpoint and
+merchant page, from the config.
 
-  perfusion serve [--model DIR]            local cluster on 127.0.0.1, serves until Ctrl-C / SIGTERM
-  perfusion serve --model NEW --detach     with RAY_ADDRESS (or cluster.address) set: deploy or roll out
-                                           NEW to the running cluster's app and return
+  perfusion serve [--model DIR]                 local cluster on 127.0.0.1, serves until Ctrl-C / SIGTERM
+  perfusion serve --app design [--model PIPE]   the design app (PerFusionPipeline) the same way
+  perfusion serve --model NEW --detach          with RAY_ADDRESS (or cluster.address) set: deploy or roll out
+                                                NEW to the running cluster's app and return
 
 The bind check runs before Ray or Serve start: a host other than loopback without a bearer token is
 refused with one line and a hint, and nothing binds.
@@ -13,29 +15,61 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.errors import PerfusionError
-from perfusion_ray.serve.model_store import CONFIG_FILE, WEIGHTS_FILE, model_version, resolve_path
+from perfusion_ray.serve.apps import AppKind
+from perfusion_ray.serve.model_store import CONFIG_FILE, WEIGHTS_FILE, model_version, pipeline_version, resolve_path
 from perfusion_ray.serve.security import check_bind, resolve_token
 
 
-def _model_dir(config: PerfusionConfig, given: Path | None) -> Path:
-    from perfusion_ray.serve.reward_app import default_model_dir
+@dataclass(frozen=True)
+class ServedApp:
+    """What `perfusion serve` needs to know of one application."""
 
-    folder = resolve_path(given or default_model_dir(config))
+    what: str  # "reward model" / "design policy"
+    endpoint: str  # for the bind refusal: "the reward endpoint"
+    app_name: str
+    route_prefix: str
+    folder: Path
+    version: str
+    kind: AppKind
+    routes: str
+
+
+def _reward(config: PerfusionConfig, given: Path | None) -> ServedApp:
+    from perfusion_ray.serve import reward_app
+
+    folder = resolve_path(given or reward_app.default_model_dir(config))
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise PerfusionError(f"reward model directory {folder} is missing {name}",
                                  hint="train one with `perfusion rm train` (writes <rm.out>/model) or pass --model")
-    return folder
+    return ServedApp("reward model", "the reward endpoint", config.serve.app_name, config.serve.route_prefix, folder,
+                     model_version(folder), reward_app.REWARD,
+                     "POST {url}/v1/score   GET {url}/v1/version   GET {url}/healthz")
+
+
+def _design(config: PerfusionConfig, given: Path | None) -> ServedApp:
+    from perfusion_ray.serve import design_app
+
+    folder = resolve_path(given or design_app.default_pipeline_dir(config))
+    if not (folder / "model_index.json").is_file():
+        raise PerfusionError(f"{folder} is not a PerFusionPipeline directory (no model_index.json)",
+                             hint="export one with `perfusion align train --offline` or `perfusion align` "
+                                  "(writes <out>/pipeline), or pass --model")
+    return ServedApp("design policy", "the design endpoint", config.design.app_name, config.design.route_prefix,
+                     folder, pipeline_version(folder), design_app.DESIGN,
+                     "page {url}/   POST {url}/v1/designs   POST {url}/v1/feedback   GET {url}/v1/version")
 
 
 def run(args, config: PerfusionConfig) -> int:
     token = resolve_token(config.serve.bearer_token, config.serve.bearer_token_env)
-    check_bind(config.serve.host, token, config.serve.bearer_token_env)  # before anything binds
-    model_dir = _model_dir(config, args.model)
+    app_kind = getattr(args, "app", "reward")
+    check_bind(config.serve.host, token, config.serve.bearer_token_env,
+               "the design endpoint" if app_kind == "design" else "the reward endpoint")  # before anything binds
+    app = (_design if app_kind == "design" else _reward)(config, args.model)
     joined = bool(config.cluster.address or os.environ.get("RAY_ADDRESS"))
     if args.detach and not joined:
         raise PerfusionError("--detach needs a running cluster to leave the endpoint on",
@@ -46,24 +80,23 @@ def run(args, config: PerfusionConfig) -> int:
     ray = init_ray(config.cluster)
     from ray import serve
 
-    from perfusion_ray.serve import reward_app
+    from perfusion_ray.serve import apps
 
     started = time.monotonic()
-    reward_app.start_serve(config)
-    live = reward_app.live_declarative_apps().get(config.serve.app_name)
-    entry = reward_app.application_entry(config, config.source, args.set, model_dir)
+    apps.start_serve(config)
+    live = apps.live_declarative_apps().get(app.app_name)
+    entry = app.kind.entry(config, config.source, args.set, **{app.kind.folder_key: app.folder})
     if live and live.get("import_path") == entry["import_path"] and live.get("args") == entry["args"]:
-        version = reward_app.rollout(model_dir, config.serve.app_name)  # only user_config changes: in place
+        version = app.kind.rollout(app.folder, app.app_name)  # only user_config changes: in place
         action = "rolled out"
     else:
-        reward_app.deploy(entry)
-        version = model_version(model_dir)
+        apps.deploy(entry, timeout_s=300)
+        version = app.version
         action = "serving"
-    prefix = config.serve.route_prefix.rstrip("/")
+    prefix = app.route_prefix.rstrip("/")
     url = f"http://{config.serve.host}:{config.serve.port}{prefix}"
-    print(f"{action} reward model {version} from {model_dir} at {url} ({time.monotonic() - started:.1f}s)")
-    print(f"  POST {url}/v1/score   GET {url}/v1/version   GET {url}/healthz"
-          + ("   (Authorization: Bearer required on /v1/*)" if token else ""))
+    print(f"{action} {app.what} {version} from {app.folder} at {url} ({time.monotonic() - started:.1f}s)")
+    print("  " + app.routes.format(url=url) + ("   (Authorization: Bearer required on /v1/*)" if token else ""))
     if args.detach:
         return 0
 
@@ -76,10 +109,10 @@ def run(args, config: PerfusionConfig) -> int:
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print("stopping the reward endpoint")
+        print(f"stopping {app.endpoint}")
     finally:
         if joined:
-            serve.delete(config.serve.app_name)  # others' apps on a shared cluster stay up
+            serve.delete(app.app_name)  # others' apps on a shared cluster stay up
         else:
             serve.shutdown()
             ray.shutdown()

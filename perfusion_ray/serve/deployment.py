@@ -18,7 +18,6 @@ request fails and every score names the version that produced it.
 
 # No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,14 +27,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from perfusion_ray.serve.http import authorize, parse_object, proxy_host, read_body, refusal_response
+from perfusion_ray.serve.http import (authorize, health_response, parse_object, proxy_host, read_body,
+                                      refusal_response)
 from perfusion_ray.serve.images import array_images, decode_images
-from perfusion_ray.serve.model_store import ServedModel, load_served_model, load_user_config
+from perfusion_ray.serve.model_store import ServedModel, VersionedReplica, load_served_model
 from perfusion_ray.serve.schemas import (MerchantFields, RewardRequestError, ScoreRequest, describe_validation_error,
                                          reject)
 from perfusion_ray.serve.security import check_bind
 
-logger = logging.getLogger("ray.serve")
 DEPLOYMENT_NAME = "RewardModel"
 
 api = FastAPI(title="PerFusion reward model", description=__doc__.splitlines()[0])
@@ -67,7 +66,11 @@ def _images_in(jobs: list[_Job]) -> int:
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
-class RewardModel:
+class RewardModel(VersionedReplica):
+    """Model versions: VersionedReplica (user_config {model_dir, revision?, max_batch_size?, batch_wait_timeout_s?})."""
+
+    FOLDER_KEY, WHAT, LOADER, BATCH_METHOD = "model_dir", "reward model", staticmethod(load_served_model), "_score_batch"
+
     def __init__(self, limits: dict, bearer_token: str | None = None):
         import torch
 
@@ -78,20 +81,8 @@ class RewardModel:
         # (`perfusion serve` checks before binding; `serve run`/`serve deploy` bind first).
         check_bind(proxy_host(), self.token)
         self._served: ServedModel | None = None
+        self._batching = (self.limits.max_batch_size, self.limits.batch_wait_timeout_s)
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="rm-score")
-
-    # ------------------------------------------------------------ model versions
-    async def reconfigure(self, user_config: dict) -> None:
-        """{model_dir, max_batch_size?, batch_wait_timeout_s?, revision?}: load, then swap in one assignment."""
-        served = await load_user_config(user_config, "model_dir", load_served_model, self._score_batch,
-                                        self.limits.max_batch_size, self.limits.batch_wait_timeout_s)
-        previous, self._served = self._served, served
-        logger.info("reward model %s -> %s (%s)", previous.version if previous else None, served.version,
-                    served.model_dir)
-
-    def check_health(self) -> None:
-        if self._served is None:
-            raise RuntimeError("no reward model loaded")
 
     # ------------------------------------------------------------ batched scoring
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
@@ -176,6 +167,4 @@ class RewardModel:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        if self._served is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return health_response(self._served)

@@ -13,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.serve import apps
-from perfusion_ray.serve.apps import bind_application, checked_token, config_from_args, rollout_user_config
+from perfusion_ray.serve.apps import AppKind, bind_application, checked_token, config_from_args
 from perfusion_ray.serve.model_store import pipeline_version, resolve_path
 
 IMPORT_PATH = "perfusion_ray.serve.design_app:build_app"
@@ -61,8 +60,15 @@ def settings(config: PerfusionConfig) -> dict:
             "merchants": tuple(page_merchants(config))}
 
 
-def user_config(pipeline_dir: str | Path, **extra) -> dict:
-    return {"pipeline_dir": str(resolve_path(pipeline_dir)), **extra}
+DESIGN = AppKind(IMPORT_PATH, DEPLOYMENT_NAME, "pipeline_dir", "design", lambda config: config.design,
+                 default_pipeline_dir, pipeline_version,
+                 "start it with `perfusion serve --app design` or `serve deploy cluster/serve_design.yaml`")
+user_config = DESIGN.user_config
+# application_entry(config, config_path=None, overrides=None, pipeline_dir=None, **extra_user_config) -> dict
+application_entry = DESIGN.entry
+# rollout(pipeline_dir, app_name="design", timeout_s=180, **extra_user_config) -> the new version, once every
+# replica serves it (a request runs on, and names, the version it started with)
+rollout = DESIGN.rollout
 
 
 def build_app(args: dict):
@@ -78,25 +84,3 @@ def build_app(args: dict):
     token = checked_token(config, "the design endpoint")
     folder = args.get("pipeline_dir") or default_pipeline_dir(config)
     return bind_application(DesignModel, config, config.design, user_config(folder), settings(config), token)
-
-
-def application_entry(config: PerfusionConfig, config_path: str | Path | None = None,
-                      overrides: list[str] | None = None, pipeline_dir: str | Path | None = None,
-                      **extra_user_config) -> dict:
-    """One `applications:` entry of a Serve config file, naming the pipeline in user_config."""
-    return apps.application_entry(config.design.app_name, config.design.route_prefix, IMPORT_PATH, DEPLOYMENT_NAME,
-                                  user_config(pipeline_dir or default_pipeline_dir(config), **extra_user_config),
-                                  config_path, overrides)
-
-
-def rollout(pipeline_dir: str | Path, app_name: str = "design", timeout_s: float = 180.0, **extra_user_config) -> str:
-    """Roll a new PerFusionPipeline directory out to a running design app by changing only its user_config.
-
-    Replicas reconfigure in place and keep answering (a request runs on the version it started with and
-    names it); returns the new version once every replica serves it.
-    """
-    pipeline_dir = resolve_path(pipeline_dir)
-    return rollout_user_config(app_name, DEPLOYMENT_NAME, user_config(pipeline_dir, **extra_user_config),
-                               pipeline_version(pipeline_dir), timeout_s,
-                               hint="start it with `perfusion serve --app design` or "
-                                    "`serve deploy cluster/serve_design.yaml`")

@@ -21,7 +21,6 @@ old one and swaps one reference, so a batch runs on, and reports, the version it
 # No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
 import asyncio
 import base64
-import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,12 +35,12 @@ from ray import serve
 from perfusion_ray.serve.design_feedback import DesignStore
 from perfusion_ray.serve.design_limits import RateLimiter
 from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, FeedbackRequest
-from perfusion_ray.serve.http import authorize, parse_object, proxy_host, read_body, refusal_response
-from perfusion_ray.serve.model_store import Served, load_user_config, pipeline_version, resolve_path
+from perfusion_ray.serve.http import (authorize, health_response, parse_object, proxy_host, read_body,
+                                      refusal_response)
+from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
 from perfusion_ray.serve.schemas import Merchant, RewardRequestError, describe_validation_error, reject
 from perfusion_ray.serve.security import check_bind
 
-logger = logging.getLogger("ray.serve")
 DEPLOYMENT_NAME = "DesignModel"
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 LOCK_STRIPES = 64
@@ -137,7 +136,13 @@ def _merchant_groups(jobs: list[_Job]) -> list[list[int]]:
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
-class DesignModel:
+class DesignModel(VersionedReplica):
+    """Policy versions: VersionedReplica (user_config {pipeline_dir, revision?, max_batch_size?,
+    batch_wait_timeout_s?})."""
+
+    FOLDER_KEY, WHAT, LOADER, BATCH_METHOD = ("pipeline_dir", "design policy", staticmethod(load_served_pipeline),
+                                              "_generate_batch")
+
     def __init__(self, settings: dict, bearer_token: str | None = None):
         import torch
 
@@ -148,23 +153,11 @@ class DesignModel:
         self.store = DesignStore(self.settings.store_root, self.settings.split)
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)
         self._served: Served | None = None
+        self._batching = (self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
         self._generator = ThreadPoolExecutor(1, thread_name_prefix="design-generate")
         self._locks = [asyncio.Lock() for _ in range(LOCK_STRIPES)]
         self._ranker = None
         self.batches: list[int] = []  # pipeline calls' image counts, newest last (bounded; for tests/benchmarks)
-
-    # ------------------------------------------------------------ policy versions
-    async def reconfigure(self, user_config: dict) -> None:
-        """{pipeline_dir, max_batch_size?, batch_wait_timeout_s?, revision?}: load, then swap in one assignment."""
-        served = await load_user_config(user_config, "pipeline_dir", load_served_pipeline, self._generate_batch,
-                                        self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
-        previous, self._served = self._served, served
-        logger.info("design policy %s -> %s (%s)", previous.version if previous else None, served.version,
-                    served.model_dir)
-
-    def check_health(self) -> None:
-        if self._served is None:
-            raise RuntimeError("no pipeline loaded")
 
     # ------------------------------------------------------------ batched generation
     def _run(self, served: Served, jobs: list[_Job]) -> list[np.ndarray]:
@@ -321,15 +314,10 @@ class DesignModel:
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=31536000, immutable"})
 
     @api.get("/")
-    async def page(self) -> HTMLResponse:
-        return HTMLResponse(WEB_PAGE.read_text())
-
     @api.get("/ui")
-    async def page_ui(self) -> HTMLResponse:
+    async def page(self) -> HTMLResponse:
         return HTMLResponse(WEB_PAGE.read_text())
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        if self._served is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        return health_response(self._served)

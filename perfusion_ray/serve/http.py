@@ -58,3 +58,10 @@ def refusal_response(exc: RewardRequestError) -> JSONResponse:
     if exc.status == 429 and exc.retry_after_s is not None:
         headers = {"Retry-After": str(max(1, int(-(-exc.retry_after_s // 1))))}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def health_response(served) -> JSONResponse:
+    """GET /healthz: 200 {"status": "ok"} once a model is loaded, else 503 loading (open even with a token)."""
+    if served is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})

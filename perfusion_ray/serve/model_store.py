@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from perfusion_ray.config import REPO_ROOT
+
+logger = logging.getLogger("ray.serve")
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
@@ -92,16 +95,36 @@ def pipeline_version(folder: str | Path) -> str:
 BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")
 
 
-async def load_user_config(user_config: dict, key: str, loader, batch_method, max_batch_size: int,
-                           batch_wait_timeout_s: float) -> Served:
-    """A replica's reconfigure(): check {key, revision?, max_batch_size?, batch_wait_timeout_s?}, load
-    user_config[key] in a thread, apply the batch settings to the @serve.batch method; returns what was loaded
-    (the caller swaps it in with one assignment). `revision` is free-form: change it to reload a directory
-    whose content was replaced in place."""
-    allowed = {key, "revision", *BATCH_KEYS}
-    if set(user_config) - allowed or key not in user_config:
-        raise ValueError(f"user_config needs {key} and takes {sorted(allowed - {key})}; got {sorted(user_config)}")
-    served = await asyncio.to_thread(loader, user_config[key])
-    batch_method.set_max_batch_size(int(user_config.get("max_batch_size", max_batch_size)))
-    batch_method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", batch_wait_timeout_s)))
-    return served
+class VersionedReplica:
+    """reconfigure() and check_health() of a Serve replica that serves one versioned directory.
+
+    A subclass sets FOLDER_KEY (the user_config key naming the directory), WHAT (for logs), LOADER (folder ->
+    Served), BATCH_METHOD (the name of its @serve.batch method) and, in __init__, self._batching =
+    (max_batch_size, batch_wait_timeout_s) defaults. user_config: {FOLDER_KEY, revision?, max_batch_size?,
+    batch_wait_timeout_s?}; `revision` is free-form: change it to reload a directory whose content was replaced
+    in place. The new directory loads beside the old one and is swapped in with one assignment, so a batch
+    runs on, and reports, the version it started with."""
+
+    FOLDER_KEY = "model_dir"
+    WHAT = "model"
+    LOADER = staticmethod(load_served_model)
+    BATCH_METHOD = ""
+    _served: Served | None = None
+    _batching: tuple[int, float] = (64, 0.005)
+
+    async def reconfigure(self, user_config: dict) -> None:
+        key = self.FOLDER_KEY
+        allowed = {key, "revision", *BATCH_KEYS}
+        if set(user_config) - allowed or key not in user_config:
+            raise ValueError(f"user_config needs {key} and takes {sorted(allowed - {key})}; got {sorted(user_config)}")
+        served = await asyncio.to_thread(self.LOADER, user_config[key])
+        batch_method = getattr(self, self.BATCH_METHOD)
+        batch_method.set_max_batch_size(int(user_config.get("max_batch_size", self._batching[0])))
+        batch_method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self._batching[1])))
+        previous, self._served = self._served, served
+        logger.info("%s %s -> %s (%s)", self.WHAT, previous.version if previous else None, served.version,
+                    served.model_dir)
+
+    def check_health(self) -> None:
+        if self._served is None:
+            raise RuntimeError(f"no {self.WHAT} loaded")

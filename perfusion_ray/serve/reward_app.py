@@ -18,11 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.serve import apps
-from perfusion_ray.serve.apps import (_apply, _client, _status, checked_token, config_from_args, deploy,  # noqa: F401
-                                      deployment_options, live_declarative_apps, rollout_user_config, serve_config,
-                                      start_serve, wait_running)
-from perfusion_ray.serve.model_store import model_version, resolve_path
+from perfusion_ray.serve.apps import (AppKind, _apply, _client, _status, bind_application, checked_token,  # noqa: F401
+                                      config_from_args, deploy, deployment_options, live_declarative_apps, serve_config, start_serve,
+                                      wait_running)
+from perfusion_ray.serve.model_store import model_version
 
 IMPORT_PATH = "perfusion_ray.serve.reward_app:build_app"
 DEPLOYMENT_NAME = "RewardModel"  # = deployment.DEPLOYMENT_NAME, without importing ray here
@@ -39,16 +38,21 @@ def limits(config: PerfusionConfig) -> dict:
             "batch_wait_timeout_s": s.batch_wait_timeout_s}
 
 
-def user_config(model_dir: str | Path, **extra) -> dict:
-    return {"model_dir": str(resolve_path(model_dir)), **extra}
+REWARD = AppKind(IMPORT_PATH, DEPLOYMENT_NAME, "model_dir", "reward", lambda config: config.serve, default_model_dir,
+                 model_version, "start it with `perfusion serve` or `serve deploy cluster/serve_reward.yaml`")
+user_config = REWARD.user_config
+# application_entry(config, config_path=None, overrides=None, model_dir=None, **extra_user_config) -> dict
+application_entry = REWARD.entry
+# rollout(model_dir, app_name="reward", timeout_s=180, **extra_user_config) -> version, replicas reconfigured in place
+rollout = REWARD.rollout
 
 
 def reward_application(config: PerfusionConfig, token: str | None, model_dir: str | Path | None = None):
     """The bound Serve application (deployment options from config.serve)."""
     from perfusion_ray.serve.deployment import RewardModel
 
-    options = deployment_options(config, config.serve, user_config(model_dir or default_model_dir(config)))
-    return RewardModel.options(**options).bind(limits(config), token)
+    return bind_application(RewardModel, config, config.serve, user_config(model_dir or default_model_dir(config)),
+                            limits(config), token)
 
 
 def build_app(args: dict):
@@ -59,25 +63,3 @@ def build_app(args: dict):
     """
     config, args = config_from_args(args, "build_app", ("model_dir",))
     return reward_application(config, checked_token(config), args.get("model_dir"))
-
-
-# ---------------------------------------------------------------- declarative configs
-def application_entry(config: PerfusionConfig, config_path: str | Path | None = None,
-                      overrides: list[str] | None = None, model_dir: str | Path | None = None,
-                      **extra_user_config) -> dict:
-    """One `applications:` entry of a Serve config file, naming the model in user_config."""
-    return apps.application_entry(config.serve.app_name, config.serve.route_prefix, IMPORT_PATH, DEPLOYMENT_NAME,
-                                  user_config(model_dir or default_model_dir(config), **extra_user_config),
-                                  config_path, overrides)
-
-
-def rollout(model_dir: str | Path, app_name: str = "reward", timeout_s: float = 120.0, **extra_user_config) -> str:
-    """Roll a new RM directory out to a running reward app by changing only its user_config.
-
-    Replicas reconfigure in place and keep answering; returns the new version once every replica
-    serves it (deployment HEALTHY again and repeated version() calls agree).
-    """
-    model_dir = resolve_path(model_dir)
-    return rollout_user_config(app_name, DEPLOYMENT_NAME, user_config(model_dir, **extra_user_config),
-                               model_version(model_dir), timeout_s,
-                               hint="start it with `perfusion serve` or `serve deploy cluster/serve_reward.yaml`")
