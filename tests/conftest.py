@@ -18,6 +18,7 @@ TINY_OVERRIDES = [
     "world.items_per_combination=4",
     "data.shuffle_blocks=2",
     "world.faulty_event_rate=0",  # tests that want broken rows make them precisely
+    "online.live_hours=1",
 ]
 
 

@@ -62,7 +62,7 @@ def _align(overrides: list[str], *extra: str, fault: str | None = None) -> subpr
 
 
 def _final_state(online_out: Path) -> dict:
-    checkpoints = sorted((online_out / "ray_results" / "align-online").glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (online_out / "ray_results" / "align-online").glob("checkpoint_*") if p.is_dir())
     assert checkpoints, f"no round checkpoint under {online_out}"
     return json.loads((checkpoints[-1] / "state.json").read_text())
 
