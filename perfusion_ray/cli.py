@@ -242,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: simulate -> ingest -> RM -> serve -> online rounds -> evaluate -> report."""
     from perfusion_ray.demo import run_demo
 
-    metrics = run_demo(_config(args), quick=args.quick, out=args.out)
+    metrics = run_demo(_config(args), quick=args.quick, out=args.out, through_endpoints=args.through_endpoints)
     rows = [(split, f"{metrics[f'rm.gauc.{split}']:.3f}", f"{metrics[f'rm.gauc.oracle' + ('' if split == 'seen' else '.cold')]:.3f}",
              f"{metrics[f'align.utility.base.{split}']:.3f}", f"{metrics[f'align.utility.aligned.{split}']:.3f}",
              f"{metrics[f'align.win_rate.{split}']:.1%}") for split in ("seen", "cold")]
@@ -250,6 +250,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(_table(rows, ("merchants", "RM GAUC", "oracle GAUC", "utility base", "utility aligned", "win rate")))
     print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} -> "
           f"{metrics['align.fidelity.class_acc']:.1%}; demo took {metrics['demo.seconds'] / 60:.1f} min")
+    if args.through_endpoints:
+        print(f"events through the endpoints: sent {metrics['endpoints.events.sent']:.0f}, stored "
+              f"{metrics['endpoints.events.stored']:.0f}, ingested {metrics['endpoints.events.grouped']:.0f} + "
+              f"quarantined {metrics['endpoints.events.quarantined']:.0f}")
     print(f"report: {args.out / 'report.html'} (and report.md); metrics: {args.out / 'metrics.json'}; "
           f"pipeline: {args.out / 'pipeline'}")
     return 0
@@ -341,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", parents=[common], help="the main job on the embedded default")
     p.add_argument("--quick", action="store_true", help="a smaller smoke version (a few minutes)")
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for the report, metrics.json and pipeline/")
+    p.add_argument("--through-endpoints", action="store_true",
+                   help="the simulated merchants make the fresh feedback through the design endpoint's HTTP API")
     p.set_defaults(handler=cmd_demo)
     return parser
 

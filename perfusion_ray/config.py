@@ -225,6 +225,8 @@ class OnlineConfig(Section):
                                                        "rounds and roll the endpoint to it (0: never)")
     rm_refresh_epochs: int = Field(1, ge=1, description="passes over the fresh groups per RM refresh")
     rm_refresh_lr: float = Field(1e-3, gt=0, description="learning rate of the RM refresh (warm start)")
+    publish_every: int = Field(0, ge=0, description="export the policy every N rounds and roll the design "
+                                                    "endpoint to it when one is deployed (0: only at the end)")
     live_hours: int = Field(0, ge=0, description="demo: the last N hours of world.hours are held back and "
                                                  "written into the store while the rounds run")
     live_interval_s: float = Field(20.0, gt=0, description="demo: seconds between two live feedback hours")
@@ -367,9 +369,10 @@ class PerfusionConfig(Section):
         return self
 
     def with_absolute_paths(self) -> "PerfusionConfig":
-        """A copy whose local output paths (data.root, rm.out, align.out, online.out) are absolute, for
-        Ray workers and actors, which run in another working directory than the driver."""
+        """A copy whose local paths (world.taste_family, data.root, rm.out, align.out, online.out) are absolute,
+        for Ray workers and actors, which run in another working directory than the driver."""
         copy = self.model_copy(deep=True)
+        copy.world.taste_family = self.resolve_input(self.world.taste_family)
         if "://" not in copy.data.root:
             copy.data.root = str(Path(copy.data.root).absolute())
         for section in (copy.rm, copy.align, copy.online):
@@ -381,6 +384,16 @@ class PerfusionConfig(Section):
         if path.is_absolute() or self.source is None:
             return path
         return (Path(self.source).parent / path).resolve()
+
+
+def save_config(config: PerfusionConfig, path: str | Path) -> Path:
+    """Write the whole config as YAML that load_config reads back to an equal config (for a Serve
+    application builder, which rebuilds its config from a file rather than from Python objects)."""
+    from perfusion_ray.storage import atomic_write_bytes
+
+    raw = config.model_dump(mode="json", exclude={"source"})
+    atomic_write_bytes(path, yaml.safe_dump(raw, sort_keys=False).encode())
+    return Path(path)
 
 
 # ---------------------------------------------------------------- loading

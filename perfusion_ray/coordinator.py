@@ -153,6 +153,15 @@ class RoundCoordinator:
         self.progress.rm_version = wanted
         return wanted
 
+    def publish_policy(self, pipeline_dir: str) -> str | None:
+        """Roll the design endpoint to a newly exported policy, when one is deployed; its version, else None."""
+        from perfusion_ray.serve import design_app
+        from perfusion_ray.serve.apps import live_declarative_apps
+
+        if self.config.design.app_name not in live_declarative_apps():
+            return None
+        return design_app.rollout(pipeline_dir, self.config.design.app_name)
+
     # ------------------------------------------------------------ monitoring
     def oracle_utility(self, merchant_ids: list[str], images: np.ndarray) -> np.ndarray:
         """True utility of each image for its merchant (never shown to the models)."""
@@ -223,6 +232,43 @@ def _initial_rm(config: PerfusionConfig, rm_dir: str | Path | None) -> Path:
     return path
 
 
+def policy_merchants(config: PerfusionConfig) -> dict:
+    """The merchants (and stat names) the policy's merchant encoder is fitted on: those of the committed
+    train groups."""
+    from perfusion_ray.data.group_examples import committed_group_files, distinct_merchants
+
+    _, files = committed_group_files(config.data.root, "train")
+    merchants, stat_names, _ = distinct_merchants(files)
+    return {"merchants": merchants, "stat_names": stat_names}
+
+
+def export_initial_policy(config: PerfusionConfig, folder: str | Path) -> Path:
+    """The policy the rounds start from (the base model: the branch's joins are zero) as a PerFusionPipeline,
+    e.g. for the design endpoint to serve before the first round publishes."""
+    import tempfile
+
+    from perfusion_ray.storage import replace_directory
+    from perfusion_ray.train.align_offline import export_pipeline
+
+    folder = Path(folder).absolute()
+    with tempfile.TemporaryDirectory() as staging:
+        export_pipeline(config, policy_merchants(config), None, Path(staging) / "pipeline")
+        replace_directory(Path(staging) / "pipeline", folder)
+    return folder
+
+
+def start_reward_endpoint(config: PerfusionConfig, rm_dir: str | Path) -> None:
+    """Ray, Serve's proxy, and the reward app serving `rm_dir` unless one is deployed already."""
+    from perfusion_ray.runtime import init_ray
+    from perfusion_ray.serve.apps import deploy, live_declarative_apps, start_serve
+    from perfusion_ray.serve.reward_app import application_entry
+
+    init_ray(config.cluster)
+    start_serve(config)
+    if config.serve.app_name not in live_declarative_apps():
+        deploy(application_entry(config, config.source, model_dir=rm_dir))
+
+
 def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path | None = None,
                progress: bool = True) -> OnlineReport:
     """The alignment rounds: serve the RM, start the coordinator, run every round on long-lived workers,
@@ -231,9 +277,7 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
 
     import ray
 
-    from perfusion_ray.data.group_examples import committed_group_files, distinct_merchants
-    from perfusion_ray.runtime import init_ray
-    from perfusion_ray.serve.reward_app import application_entry, deploy, live_declarative_apps, start_serve
+    from perfusion_ray.data.store import StoreLayout
     from perfusion_ray.storage import replace_directory
     from perfusion_ray.train.align_online import online_loop_per_worker
     from perfusion_ray.train.distributed import torch_trainer
@@ -246,19 +290,14 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     rm_path = _initial_rm(config, rm_dir)
-    layout, files = committed_group_files(config.data.root, "train")
-    merchants, stat_names, _ = distinct_merchants(files)
-    init_ray(config.cluster)
-    start_serve(config)
-    if config.serve.app_name not in live_declarative_apps():
-        deploy(application_entry(config, config.source, model_dir=rm_path))
+    start_reward_endpoint(config, rm_path)
     coordinator = ray.remote(num_cpus=0)(RoundCoordinator).options(name=COORDINATOR_NAME, lifetime=None).remote(
         config.model_dump(mode="json"))
     ray.get(coordinator.get_progress.remote())  # fail here, not in the workers, when it cannot start
-    loop_config = {"config": config.model_dump(mode="json"), "merchants": merchants, "stat_names": stat_names,
+    loop_config = {"config": config.model_dump(mode="json"), **policy_merchants(config),
                    "coordinator": COORDINATOR_NAME, "rm_dir": str(rm_path),
                    # Runs ingested before the loop are logged feedback, not fresh: the RM already saw them.
-                   "baseline_runs": layout.committed_runs()}
+                   "baseline_runs": StoreLayout(config.data.root, "train").committed_runs()}
     trainer = torch_trainer(online_loop_per_worker, loop_config, config.align, config.cluster, RUN_NAME, storage, {})
     stop = threading.Event()
     first = _rounds_done(out) if resume else 0

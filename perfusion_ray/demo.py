@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from perfusion_ray.config import PerfusionConfig
 
 # --quick: the same stages on a world small enough for a smoke run of a few minutes.
@@ -42,15 +44,19 @@ class Stages:
     """Wall time per stage, printed as the demo goes."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)
     total: int = 7
 
     @contextmanager
-    def stage(self, name: str):
-        print(f"\n[demo {len(self.seconds) + 1}/{self.total}] {name}", flush=True)
+    def stage(self, key: str, title: str):
+        print(f"\n[demo {len(self.seconds) + 1}/{self.total}] {title}", flush=True)
         started = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - started
-        print(f"[demo] {name}: {self.seconds[name]:.0f}s", flush=True)
+        self.seconds[key], self.titles[key] = time.perf_counter() - started, title
+        print(f"[demo] {title}: {self.seconds[key]:.0f}s", flush=True)
+
+    def titled(self) -> dict[str, float]:
+        return {self.titles[key]: seconds for key, seconds in self.seconds.items()}
 
 
 class LiveFeed(threading.Thread):
@@ -76,16 +82,102 @@ class LiveFeed(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - reported by the demo after the rounds
             self.error = exc
 
-    def stop(self) -> None:
+    def begin(self, rm_dir: Path) -> None:
+        self.start()
+
+    def end(self) -> dict[str, float]:
         self._stop_event.set()
         self.join()
+        if self.error:
+            raise self.error
+        return {"online.live_partitions_written": float(len(self.written))}
+
+    def describe(self, consumed: int) -> str:
+        return (f"{len(self.hours)} hours of simulated feedback held back to arrive during the online rounds: "
+                f"{len(self.written)} written, {consumed} fresh partitions consumed")
+
+
+class EndpointFeed:
+    """--through-endpoints: the design endpoint serves the policy (rolled to each published version) and the
+    world's merchants use it over HTTP; their impressions and feedback are the rounds' fresh partitions."""
+
+    def __init__(self, config: PerfusionConfig, world, out: Path):
+        self.config, self.world, self.out = config, world, out
+        self.stop_event = threading.Event()
+        self.merchants = None
+        self.thread: threading.Thread | None = None
+        self.baseline_runs: list[str] = []
+        self.accounting: dict[str, int] = {}
+
+    def begin(self, rm_dir: Path) -> None:
+        from perfusion_ray.config import save_config
+        from perfusion_ray.coordinator import export_initial_policy, start_reward_endpoint
+        from perfusion_ray.data.store import StoreLayout
+        from perfusion_ray.serve import design_app
+        from perfusion_ray.serve.apps import deploy
+        from perfusion_ray.serve.design_client import DesignClient
+        from perfusion_ray.serve.fashionworld_client import EndpointMerchants
+
+        folder = self.out / "design"
+        start_reward_endpoint(self.config, rm_dir)
+        policy = export_initial_policy(self.config, folder / "initial-policy")
+        # The app builder rebuilds its config from a file: this run's whole config, absolute paths included.
+        config_path = save_config(self.config, folder / "config.yaml")
+        deploy(design_app.application_entry(self.config, config_path, pipeline_dir=policy), timeout_s=300)
+        self.baseline_runs = StoreLayout(self.config.data.root, "train").committed_runs()
+        url = f"http://127.0.0.1:{self.config.serve.port}{self.config.design.route_prefix}"
+        self.merchants = EndpointMerchants(self.world, DesignClient(url), seed=self.config.online.seed)
+        self.thread = threading.Thread(target=self.merchants.run, kwargs={"stop": self.stop_event}, daemon=True)
+        self.thread.start()
+
+    def end(self) -> dict[str, float]:
+        """Stop the merchants, ingest what is left, and account for every event."""
+        from perfusion_ray.data.ingest import ingest
+
+        self.stop_event.set()
+        self.thread.join()
+        ingest(self.config, "train")
+        counts = self.merchants.counts
+        self.accounting = endpoint_accounting(self.config, self.baseline_runs)
+        self.accounting["sent"] = counts.events
+        if counts.failed:
+            raise RuntimeError(f"{len(counts.failed)} design requests failed: {counts.failed[:3]}")
+        return {"endpoints.requests": float(counts.requests), "endpoints.rate_limited": float(counts.rate_limited),
+                "endpoints.utility": float(np.mean(counts.utilities)) if counts.utilities else float("nan"),
+                **{f"endpoints.events.{name}": float(value) for name, value in self.accounting.items()}}
+
+    def describe(self, consumed: int) -> str:
+        a = self.accounting
+        return (f"through the endpoints: {self.merchants.counts.requests} design requests by simulated merchants; "
+                f"events sent {a['sent']} = stored {a['stored']} = ingested {a['grouped']} + quarantined "
+                f"{a['quarantined']}: {'every event accounted for' if a['sent'] == a['stored'] == a['grouped'] + a['quarantined'] else 'MISMATCH'}; "
+                f"{consumed} fresh partitions consumed by the rounds")
+
+
+def endpoint_accounting(config: PerfusionConfig, baseline_runs: list[str]) -> dict[str, int]:
+    """Rows the design endpoint stored (its partition files), and what ingest made of the runs after the
+    baseline: rows grouped and rows quarantined."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from perfusion_ray.data.ingest import run_manifest
+    from perfusion_ray.data.store import StoreLayout
+
+    layout = StoreLayout(config.data.root, "train")
+    infos = layout.filesystem.get_file_info(pafs.FileSelector(layout.feedback, recursive=True, allow_not_found=True))
+    stored = sum(pq.read_metadata(i.path, filesystem=layout.filesystem).num_rows for i in infos
+                 if i.type == pafs.FileType.File and i.base_name.startswith("part-design-"))
+    grouped = quarantined = 0
+    for run in layout.committed_runs():
+        if run not in baseline_runs:
+            counts = run_manifest(layout, run)["counts"]
+            grouped, quarantined = grouped + counts["rows_grouped"], quarantined + counts["rows_quarantined"]
+    return {"stored": stored, "grouped": grouped, "quarantined": quarantined}
 
 
 
 def _showcase_grid(config: PerfusionConfig, pipeline_dir: Path, world) -> tuple[str, object]:
     """Several merchants (seen and cold-start, different segments) on one open prompt and one seed."""
-    import numpy as np
-
     from perfusion_ray.models.base import load_base
     from perfusion_ray.models.pipeline import PerFusionPipeline
     from perfusion_ray.evaluation.alignment import same_prompt_grid
@@ -154,8 +246,12 @@ def live_hours(config: PerfusionConfig) -> list[int]:
     return list(range(config.world.hours - config.online.live_hours, config.world.hours))
 
 
-def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out")) -> dict:
-    """Every stage of the module docstring; returns the flat metrics written to out/metrics.json."""
+def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out"),
+             through_endpoints: bool = False) -> dict:
+    """Every stage of the module docstring; returns the flat metrics written to out/metrics.json.
+
+    through_endpoints: the fresh feedback comes from the simulated merchants using the design endpoint
+    (EndpointFeed) instead of held-back simulated hours (LiveFeed)."""
     from perfusion_ray.coordinator import run_online
     from perfusion_ray.evaluation.alignment import comparison_grid, evaluate_alignment
     from perfusion_ray.evaluation.reward_model import evaluate_reward_models
@@ -167,51 +263,60 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
 
     started = time.perf_counter()
     config = quick_config(config) if quick else config
+    if through_endpoints:
+        config = endpoint_config(config)
+    config = config.with_absolute_paths()
     out = Path(out).absolute()
     stages = Stages()
     metrics: dict[str, float] = {}
-    live = config.online.live_hours
-    with stages.stage("simulate FashionWorld"):
+    with stages.stage("simulate", "simulate FashionWorld"):
         fresh_store(config, out)
         world = build_world(config)
         ceilings = simulate_before_the_loop(config, world)
-    with stages.stage("ingest (Ray Data)"):
+    with stages.stage("ingest", "ingest (Ray Data)"):
         ingest_both_splits(config)
-    with stages.stage("train the reward model (Ray Train + DeepSpeed)"):
+    with stages.stage("rm_train", "train the reward model (Ray Train + DeepSpeed)"):
         rm_report = train_reward_model(config)
-    with stages.stage("evaluate the reward model"):
+    with stages.stage("rm_eval", "evaluate the reward model"):
         evaluation = evaluate_reward_models(config, rm_report.model_dir, None)
         metrics.update(evaluation.flat_metrics())
-    with stages.stage(f"serve the RM and run {config.online.rounds} online rounds while feedback arrives"):
-        feed = LiveFeed(config, world, live_hours(config), config.online.live_interval_s)
-        feed.start()
+    feed = EndpointFeed(config, world, out) if through_endpoints else \
+        LiveFeed(config, world, live_hours(config), config.online.live_interval_s)
+    source = "simulated merchants use the design endpoint" if through_endpoints else "feedback arrives"
+    with stages.stage("online", f"serve the RM and run {config.online.rounds} online rounds while {source}"):
+        feed.begin(rm_report.model_dir)
         try:
             online = run_online(config, rm_dir=rm_report.model_dir)
         finally:
-            feed.stop()
-        if feed.error:
-            raise feed.error
-    with stages.stage("evaluate base vs aligned on held-out requests"):
+            metrics.update(feed.end())
+    with stages.stage("align_eval", "evaluate base vs aligned on held-out requests"):
         alignment = evaluate_alignment(config, online.pipeline_dir, out / "eval")
         metrics.update(alignment.metrics)
         grids = dict([_showcase_grid(config, online.pipeline_dir, world)])
         grids["held-out requests: K base images | K aligned images per row (seen merchants, then cold-start)"] = \
             comparison_grid(alignment, config.align.eval.images_per_request)
-    with stages.stage("write the report"):
+    with stages.stage("report", "write the report"):
         replace_directory(online.pipeline_dir, out / "pipeline")
         metrics.update({"online.rounds": float(online.rounds), "online.fresh_partitions": float(len(online.consumed_partitions)),
-                        "online.live_partitions_written": float(len(feed.written)),
                         "world.oracle_gauc.train": ceilings["train"], "world.oracle_gauc.holdout": ceilings["holdout"]})
         metrics.update({f"online.{key}.last": float(online.history[-1][key]) for key in ("rm_reward", "oracle_utility")})
-        metrics.update({f"demo.seconds.{name.split(' ')[0]}": s for name, s in stages.seconds.items()})
+        metrics.update({f"demo.seconds.{key}": s for key, s in stages.seconds.items()})
         metrics["demo.seconds"] = time.perf_counter() - started
         notes = [f"{config.world.num_merchants} merchants ({int(world.merchants.cold_start.sum())} cold-start), "
-                 f"{config.world.hours} hours of feedback of which {live} arrived during the online rounds "
-                 f"({len(feed.written)} written, {len(online.consumed_partitions)} fresh partitions consumed by "
-                 f"{online.rounds} rounds)",
-                 f"reward model {online.rm_version}; pipeline saved to {out / 'pipeline'}",
+                 f"{config.world.hours} hours of feedback",
+                 feed.describe(len(online.consumed_partitions)),
+                 f"{online.rounds} online rounds; reward model {online.rm_version}; pipeline saved to {out / 'pipeline'}",
                  f"total {metrics['demo.seconds'] / 60:.1f} min{' (--quick)' if quick else ''}"]
-        write_report(ReportInputs(metrics, evaluation.table, online.history, stages.seconds, grids, notes, machine()),
+        write_report(ReportInputs(metrics, evaluation.table, online.history, stages.titled(), grids, notes, machine()),
                      out)
         atomic_write_json(out / "metrics.json", dict(sorted(metrics.items())))
     return metrics
+
+
+def endpoint_config(config: PerfusionConfig) -> PerfusionConfig:
+    """--through-endpoints: no held-back hours (the endpoint makes the fresh feedback), every fresh file
+    each round (a request's impressions and its feedback are separate files that must meet in one
+    ingest run), and the design endpoint rolled to the policy after every round."""
+    raw = config.model_dump(mode="json")
+    raw["online"].update(live_hours=0, partitions_per_round=0, publish_every=1)
+    return PerfusionConfig.model_validate(raw)

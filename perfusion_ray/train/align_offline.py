@@ -46,12 +46,14 @@ def build_worker_policy(config: PerfusionConfig, merchants: list[dict], stat_nam
     return base, policy.to(device)
 
 
-def export_pipeline(config: PerfusionConfig, loop: dict, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
-    """Rebuild the policy on the CPU from gathered weights and save it as a PerFusionPipeline."""
+def export_pipeline(config: PerfusionConfig, loop: dict, state_dict: dict[str, torch.Tensor] | None, folder: Path) -> None:
+    """Rebuild the policy on the CPU from gathered weights (None: the policy at initialisation, which is the
+    base model) and save it as a PerFusionPipeline."""
     from perfusion_ray.models.policy import policy_pipeline
 
     base, policy = build_worker_policy(config, loop["merchants"], loop["stat_names"])
-    policy.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
+    if state_dict is not None:
+        policy.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
     policy_pipeline(base, policy).save_pretrained(str(folder))
 
 

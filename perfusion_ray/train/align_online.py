@@ -107,6 +107,24 @@ def refresh_reward_model(config: PerfusionConfig, rm_dir: str, groups: dict[str,
     return str(target)
 
 
+def _publish(config: PerfusionConfig, loop: dict, full_state: dict, round_index: int, rank: int, coordinator) -> str | None:
+    """Rank 0 exports the current policy to <online.out>/policy/round-NNNN and the coordinator rolls the design
+    endpoint to it; every rank waits for that. Returns the version the endpoint now serves (None without one)."""
+    import ray
+
+    from perfusion_ray.storage import replace_directory
+
+    version = None
+    if rank == 0:
+        target = Path(config.online.out) / "policy" / f"round-{round_index:04d}"
+        with tempfile.TemporaryDirectory() as folder:
+            export_pipeline(config, loop, full_state, Path(folder) / "pipeline")
+            replace_directory(Path(folder) / "pipeline", target)
+        version = ray.get(coordinator.publish_policy.remote(str(target)))
+    _barrier()
+    return version
+
+
 def _mean_over_ranks(values: dict[str, float], weight: float) -> dict[str, float]:
     """Weighted means over every rank of each value (weight: e.g. this rank's sample count)."""
     names = sorted(values)
@@ -234,11 +252,16 @@ def online_loop_per_worker(loop: dict) -> None:
                         "logged_groups": 0 if logged is None else len(logged["labels"]),
                         "rm_version": state["rm_version"], "resumed_from_round": resumed_from,
                         "round_seconds": sum(times.values())})
+        final = state["round"] >= online.rounds
+        publish = bool(online.publish_every) and state["round"] % online.publish_every == 0 and not final
+        full_state = strategy.full_state_dict(engine) if final or publish else None  # collective under ZeRO-3
+        if publish:
+            clock = time.perf_counter()
+            metrics["policy_version"] = _publish(config, loop, full_state, r, rank, coordinator) or ""
+            metrics["publish_seconds"] = time.perf_counter() - clock
         state["history"].append(metrics)
         if rank == 0:
             ray.get(coordinator.record_round.remote(metrics))
-        final = state["round"] >= online.rounds
-        full_state = strategy.full_state_dict(engine) if final else None  # collective under ZeRO-3
         report_with_checkpoint(engine, state, metrics, export=(
             lambda folder: export_pipeline(config, loop, full_state, folder / "pipeline")) if final else None)
         fault_point(f"online:round{r}:checkpointed")

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from perfusion_ray.config import PerfusionConfig
+from perfusion_ray.config import PerfusionConfig, ShopperModel, WorldConfig
 from perfusion_ray.data.image_store import ImageStore
 from perfusion_ray.data.events import event_id, event_times
 from perfusion_ray.data.labels import graded_labels, is_positive
@@ -205,6 +205,25 @@ def draw_requests(world: World, requesters: np.ndarray, rng: np.random.Generator
     return classes, asked
 
 
+def merchant_picks(utility: np.ndarray, cfg: WorldConfig, rng: np.random.Generator) -> np.ndarray:
+    """Positions the merchant selects from a group: a Plackett-Luce ranking by utility / temperature
+    (Gumbel-max), of which the top min_selected..max_selected are listed."""
+    k = len(utility)
+    ranking = np.argsort(-(utility / cfg.selection_temperature + rng.gumbel(size=k)))
+    return ranking[: rng.integers(cfg.min_selected, min(cfg.max_selected, k) + 1)]
+
+
+def shopper_events(utility: np.ndarray, shoppers: ShopperModel, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clicks, orders and returns of each listed item (utility [n] of the listed items): every rate is a
+    logistic in the utility."""
+    slope = shoppers.utility_slope * utility
+    clicks = rng.binomial(shoppers.views_per_listing, 1 / (1 + np.exp(-(_logit(shoppers.click_rate) + slope))))
+    orders = rng.binomial(clicks, 1 / (1 + np.exp(-(_logit(shoppers.order_rate) + slope))))
+    returns = rng.binomial(orders, 1 / (1 + np.exp(-(_logit(shoppers.return_rate) - slope))))
+    return clicks, orders, returns
+
+
 def simulate(config: PerfusionConfig, split: str = "train", world: World | None = None,
              progress: bool = True, hours: Sequence[int] | None = None) -> SimulationReport:
     """Simulate a split ('train': the stream of seen merchants; 'holdout': seen and cold-start) into the store.
@@ -218,8 +237,6 @@ def simulate(config: PerfusionConfig, split: str = "train", world: World | None 
     layout = StoreLayout(config.data.root, split)
     refs, digests = store_catalogue(world, ImageStore(layout.images_uri))
     shoppers = cfg.shoppers
-    base = {name: _logit(rate) for name, rate in
-            (("click", shoppers.click_rate), ("order", shoppers.order_rate), ("return", shoppers.return_rate))}
     report = SimulationReport(split=split)
     utilities, positives, group_ids = [], [], []
     schedule = list(enumerate(_schedule(world, split)))
@@ -242,15 +259,10 @@ def simulate(config: PerfusionConfig, split: str = "train", world: World | None 
             t0 = hour_us + starts[i]
             positions = np.arange(k)
             builder.add(request_id, merchant, prompt, candidates, positions, "impression", np.full(k, t0), counter)
-            # Plackett-Luce ranking by utility / temperature (Gumbel-max), then the top picks are listed.
-            ranking = np.argsort(-(utility / cfg.selection_temperature + rng.gumbel(size=k)))
-            chosen = ranking[: rng.integers(cfg.min_selected, min(cfg.max_selected, k) + 1)]
+            chosen = merchant_picks(utility, cfg, rng)
             select_times = t0 + rng.integers(5, 120, len(chosen)) * 10**6
             builder.add(request_id, merchant, prompt, candidates, chosen, "select", select_times, counter)
-            slope = shoppers.utility_slope * utility[chosen]
-            clicks = rng.binomial(shoppers.views_per_listing, 1 / (1 + np.exp(-(base["click"] + slope))))
-            orders = rng.binomial(clicks, 1 / (1 + np.exp(-(base["order"] + slope))))
-            returns = rng.binomial(orders, 1 / (1 + np.exp(-(base["return"] - slope))))
+            clicks, orders, returns = shopper_events(utility[chosen], shoppers, rng)
             counts = {"impression": np.ones(k), "select": np.zeros(k), "click": np.zeros(k),
                       "order": np.zeros(k), "return": np.zeros(k)}
             counts["select"][chosen] = 1
