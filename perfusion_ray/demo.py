@@ -18,7 +18,8 @@ import numpy as np
 
 from perfusion_ray.config import PerfusionConfig
 
-# --quick: the same stages on a world small enough for a smoke run of a few minutes.
+# --quick: the same stages on a world small enough for a smoke run of a few minutes (a value already
+# smaller in the config stays: --quick never makes a run bigger).
 QUICK_OVERRIDES = {
     "world": {"hours": 8, "requests_per_hour": 40, "holdout_requests_per_merchant": 4},
     "rm": {"epochs": 2},
@@ -30,12 +31,15 @@ QUICK_OVERRIDES = {
 
 def quick_config(config: PerfusionConfig) -> PerfusionConfig:
     raw = config.model_dump(mode="json")
-    for section, values in QUICK_OVERRIDES.items():
+
+    def shrink(target: dict, values: dict) -> None:
         for name, value in values.items():
             if isinstance(value, dict):
-                raw[section][name].update(value)
+                shrink(target[name], value)
             else:
-                raw[section][name] = value
+                target[name] = min(target[name], value) if target[name] else value
+
+    shrink(raw, QUICK_OVERRIDES)
     return PerfusionConfig.model_validate(raw)
 
 

@@ -33,7 +33,8 @@ def ray_cluster():
     from perfusion_ray.config import ClusterConfig
     from perfusion_ray.runtime import init_ray
 
-    ray = init_ray(ClusterConfig(num_cpus=2))
+    # 4 logical CPUs as configs/fashionworld.yaml: the online rounds' ingest needs room beside the workers.
+    ray = init_ray(ClusterConfig(num_cpus=4))
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

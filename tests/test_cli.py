@@ -3,9 +3,11 @@ errors are one line plus a hint, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from perfusion_ray.cli import main
@@ -44,12 +46,26 @@ def test_simulate_then_inspect_shows_pending_partitions(tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_demo_produces_feedback_quarantine_and_groups(tmp_path, capsys, ray_cluster):
-    assert main(["demo", "--quick"] + _args(tmp_path) + ["--set", "world.faulty_event_rate=0.02"]) == 0
-    out = capsys.readouterr().out
-    for split in ("train", "holdout"):
+def test_demo_runs_end_to_end_and_writes_report_metrics_and_pipeline(tmp_path, ray_cluster):
+    out = tmp_path / "out"
+    smaller = ["world.faulty_event_rate=0.02", f"rm.out={out / 'rm'}", f"online.out={out / 'online'}",
+               "rm.epochs=1", "online.steps_per_round=2", "policy.num_inference_steps=4",
+               "serve.app_name=demo-reward", "serve.route_prefix=/demo-reward"]
+    args = ["demo", "--quick", "--out", str(out)] + _args(tmp_path)
+    for item in smaller:
+        args += ["--set", item]
+    assert main(args) == 0
+    for split in ("train", "holdout"):  # broken events are quarantined with their reason, not dropped
         layout = StoreLayout(str(tmp_path / "data"), split)
-        assert layout.output_files("groups") and layout.output_files("quarantine")
-        assert f"== {split} ==" in out
-    assert "unknown event_type" in out and "duplicate event_id" in out  # the broken events, quarantined
-    assert "oracle GAUC ceiling" in out
+        assert layout.output_files("groups")
+        reasons = " ".join(pq.read_table(f).column("reason").to_pylist()[0] for f in layout.output_files("quarantine")
+                           if pq.read_metadata(f).num_rows)
+        assert "event_type" in reasons or "duplicate event_id" in reasons
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("rm.gauc.seen", "rm.gauc.cold", "rm.gauc.oracle", "align.utility.base.seen", "align.utility.aligned.cold",
+                "align.win_rate.seen", "align.fidelity.class_acc", "online.rounds", "demo.seconds"):
+        assert key in metrics, key
+    report = (out / "report.md").read_text()
+    assert "Reward model on held-out groups" in report and "report_files/rounds.png" in report
+    assert (out / "report.html").is_file() and (out / "report_files" / "grid-0.png").is_file()
+    assert (out / "pipeline" / "model_index.json").is_file()
