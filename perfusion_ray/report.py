@@ -40,7 +40,12 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
     for axis, key, title in zip(axes, ("rm_reward", "oracle_utility", "loss"),
                                 ("RM reward (on-policy groups)", "oracle utility (on-policy groups)",
                                  "group objective loss")):
-        axis.plot(index, [m[key] for m in rounds], marker="o")
+        values = np.array([m[key] for m in rounds], dtype=float)
+        axis.plot(index, values, marker="o", alpha=0.6, label="round")
+        if len(values) >= 3:  # each round draws new requests: the trend is easier to see smoothed
+            smooth = np.convolve(values, np.ones(3) / 3, mode="valid")
+            axis.plot(index[1:-1], smooth, linestyle="--", color="black", label="3-round mean")
+            axis.legend(fontsize=8)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("round")
         axis.grid(alpha=0.3)
