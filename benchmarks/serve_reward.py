@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,25 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from perfusion_ray.runtime import machine
+from benchmarks.serve_common import (Tee, bounded_load, cpu_per_request, cpu_seconds, free_port, header, http_load,
+                                     ray_workers_at_our_priority, reward_model_dir)
 from perfusion_ray.config import ClusterConfig, load_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_reward.txt"
 CONCURRENCY = (1, 8, 32)
-
-
-class Tee:
-    """print() to the terminal and to the results file."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w")
-
-    def __call__(self, *parts) -> None:
-        line = " ".join(str(p) for p in parts)
-        print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+REPLICAS = {"replicas": "RewardModel"}  # cpu_seconds role -> replica command-line marker
 
 
 @dataclass
@@ -108,40 +94,6 @@ class InProcess:
         return best
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of this process and the Serve processes: pid -> (role, user + system)."""
-    import psutil
-
-    me = os.getpid()
-    out = {}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.pid == me:
-            role = "load generator"
-        elif "ray::ProxyActor" in cmd:
-            role = "proxy"
-        elif "ray::ServeReplica" in cmd and "RewardModel" in cmd:
-            role = "replicas"
-        else:
-            continue
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        out[proc.pid] = (role, times.user + times.system)
-    return out
-
-
-def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
-    """ms of CPU per request by role, over processes alive at both ends (a replica started mid-run is left out:
-    its start-up would swamp the per-request cost)."""
-    total: dict[str, float] = {}
-    for pid, (role, seconds) in after.items():
-        if pid in before:
-            total[role] = total.get(role, 0.0) + seconds - before[pid][1]
-    return {role: 1000 * seconds / max(requests, 1) for role, seconds in total.items()}
-
-
 class ReplicaSampler(threading.Thread):
     """Counts RUNNING replicas of the deployment every `period` seconds."""
 
@@ -188,47 +140,12 @@ class Run:
         return self.requests / self.seconds
 
 
-async def _load(send, concurrency: int, max_requests: int, max_seconds: float, count: int) -> tuple:
-    latencies, errors = [], []
-    issued = 0
-    deadline = time.monotonic() + max_seconds
-
-    async def worker():
-        nonlocal issued
-        while issued < max_requests and time.monotonic() < deadline:
-            index = issued % count
-            issued += 1
-            started = time.perf_counter()
-            try:
-                await send(index)
-                latencies.append(time.perf_counter() - started)
-            except Exception as exc:  # noqa: BLE001 - counted, shown
-                errors.append(repr(exc)[:200])
-
-    started = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies, errors, time.monotonic() - started
-
-
 def http_run(url: str, workload: Workload, concurrency: int, max_requests: int, max_seconds: float, version: str):
-    import aiohttp
+    def check(index: int, answer: dict) -> None:
+        if answer["model_version"] != version or len(answer["scores"]) != workload.images_per_request:
+            raise RuntimeError(f"unexpected answer {answer}")
 
-    async def main():
-        connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-            async def send(index: int):
-                async with session.post(f"{url}/v1/score", data=workload.bodies[index],
-                                        headers={"Content-Type": "application/json"}) as response:
-                    body = await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
-                    answer = json.loads(body)
-                    if answer["model_version"] != version or len(answer["scores"]) != workload.images_per_request:
-                        raise RuntimeError(f"unexpected answer {answer}")
-
-            return await _load(send, concurrency, max_requests, max_seconds, len(workload.bodies))
-
-    return asyncio.run(main())
+    return http_load(f"{url}/v1/score", workload.bodies, check, concurrency, max_requests, max_seconds)
 
 
 def handle_run(app: str, workload: Workload, concurrency: int, max_requests: int, max_seconds: float, version: str):
@@ -242,30 +159,9 @@ def handle_run(app: str, workload: Workload, concurrency: int, max_requests: int
             if answer["model_version"] != version or len(answer["scores"]) != workload.images_per_request:
                 raise RuntimeError(f"unexpected answer {answer}")
 
-        return await _load(send, concurrency, max_requests, max_seconds, len(workload.images))
+        return await bounded_load(send, concurrency, max_requests, max_seconds, len(workload.images))
 
     return asyncio.run(main())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _model_dir(given: Path | None, out: Path) -> Path:
-    if given:
-        return given
-    trained = Path("out/rm/model")
-    if (trained / "model.safetensors").is_file():
-        return trained
-    import torch
-
-    from perfusion_ray.models.clip_towers import load_clip
-    from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, save_reward_model
-
-    torch.manual_seed(0)
-    return save_reward_model(PerFusionRM(load_clip(), RewardModelConfig(version="bench", towers="frozen")), out / "model")
 
 
 def main() -> None:
@@ -292,24 +188,16 @@ def main() -> None:
     # Ray starts its workers (Serve's proxy and replicas) at niceness 15 by default, and this process runs at
     # 0: on cores shared with other jobs the in-process reference would then win CPU the endpoint loses.
     # Same priority for both sides (override with --env RAY_worker_niceness=15).
-    os.environ.setdefault("RAY_worker_niceness", str(os.nice(0)))
-    for item in args.env:
-        key, value = item.split("=", 1)
-        os.environ[key] = value
+    ray_workers_at_our_priority(args.env)
 
     import torch
 
     torch.set_num_threads(1)  # as the replicas run; the 2 cores are shared
     log = Tee(args.results)
-    config = load_config(None, [f"serve.port={_free_port()}", "serve.app_name=bench_reward", *args.set])
+    config = load_config(None, [f"serve.port={free_port()}", "serve.app_name=bench_reward", *args.set])
     s = config.serve
-    log(f"machine: {machine()}, torch threads per process: 1")
-    log(f"load average (1 min) at start: {os.getloadavg()[0]:.2f} (other jobs share these cores); niceness: this "
-        f"process {os.nice(0)}, Ray workers (proxy, replicas) {os.environ['RAY_worker_niceness']}")
-    if args.env:
-        log(f"environment: {' '.join(args.env)}")
-    log(f"command: {' '.join(['.venv/bin/python', '-m', 'benchmarks.serve_reward', *sys.argv[1:]])}")
-    model_dir = _model_dir(args.model, args.out)
+    header(log, "benchmarks.serve_reward", args.env)
+    model_dir = reward_model_dir(args.model, args.out)
     workloads = {k: build_workload(args.distinct, k) for k in args.images_per_request}
     log(f"model: {model_dir}; requests: {args.distinct} distinct FashionWorld (merchant, prompt) requests of K "
         f"catalogue renders (32x32 PNG), at most {args.requests} requests or {args.seconds:.0f} s per run, each after "
@@ -337,7 +225,7 @@ def main() -> None:
         reward_app.start_serve(config)
         reward_app.deploy(reward_app.application_entry(config, config.source, [f"serve.port={s.port}",
                                                                                f"serve.app_name={s.app_name}",
-                                                                               *args.set], model_dir))
+                                                                               *args.set], model_dir=str(model_dir)))
         version = model_version(model_dir)
         url = f"http://{s.host}:{s.port}"
         log(f"endpoint up in {time.monotonic() - started:.1f} s at {url}, model {version}")
@@ -352,11 +240,11 @@ def main() -> None:
 
                     warm = load(args.warmup) if args.warmup > 0 else ([], [], 0.0)
                     before = reference.images_per_second(workload)
-                    cpu_before = cpu_seconds()
+                    cpu_before = cpu_seconds(REPLICAS)
                     begin = time.monotonic()
                     latencies, errors, seconds = load(args.seconds)
                     replicas = sampler.between(begin, time.monotonic())
-                    cpu = cpu_per_request(cpu_before, cpu_seconds(), len(latencies) + len(errors))
+                    cpu = cpu_per_request(cpu_before, cpu_seconds(REPLICAS), len(latencies) + len(errors))
                     after = reference.images_per_second(workload)
                     run = Run(transport, concurrency, len(latencies) + len(errors), len(errors), seconds,
                               np.asarray(latencies), replicas, errors[:3] + warm[1][:3], (before + after) / 2, cpu,
