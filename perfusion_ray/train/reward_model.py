@@ -141,8 +141,11 @@ def train_loop_per_worker(loop: dict) -> None:
         replay = cache is not None
         groups_trained = int(all_reduce_sum([float(groups_trained)])[0])
         validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
-        improved = validation > state["best_gauc"]
-        state = {"epoch": state["epoch"] + 1, "best_gauc": max(validation, state["best_gauc"]),
+        # No validation group with both labels (a tiny store) gives NaN: then every epoch is kept and exported,
+        # the latest wins, and early stopping has nothing to go on.
+        improved = validation > state["best_gauc"] if math.isfinite(validation) else True
+        state = {"epoch": state["epoch"] + 1,
+                 "best_gauc": max(validation, state["best_gauc"]) if math.isfinite(validation) else state["best_gauc"],
                  "stale": 0 if improved else state["stale"] + 1,
                  "train_seconds": state["train_seconds"] + train_seconds,
                  "groups_trained": state["groups_trained"] + groups_trained}
@@ -155,6 +158,10 @@ def train_loop_per_worker(loop: dict) -> None:
              "groups_trained": state["groups_trained"], "epoch_data_wait_seconds": waited,
              "epoch_train_seconds": train_seconds, "epoch_cpu_seconds": time.process_time() - cpu_started},
             export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None)
+
+
+def _finite_or_lowest(value) -> float:
+    return value if value is not None and math.isfinite(value) else float("-inf")
 
 
 @dataclass
@@ -202,7 +209,7 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         rm, config.cluster, RUN_NAME, storage, datasets,
         CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_gauc", checkpoint_score_order="max"))
     result = trainer.fit()
-    best = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_gauc", float("-inf")))
+    best = max(result.best_checkpoints, key=lambda pair: (_finite_or_lowest(pair[1].get("val_gauc")), pair[1]["epoch"]))
     with best[0].as_directory() as folder:
         exported = Path(folder) / "model"
         if not exported.is_dir():
