@@ -9,6 +9,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from ray import serve
 
 from perfusion_ray.cli import main
 from perfusion_ray.data.store import StoreLayout
@@ -54,7 +55,10 @@ def test_demo_runs_end_to_end_and_writes_report_metrics_and_pipeline(tmp_path, r
     args = ["demo", "--quick", "--out", str(out)] + _args(tmp_path)
     for item in smaller:
         args += ["--set", item]
-    assert main(args) == 0
+    try:
+        assert main(args) == 0
+    finally:
+        serve.shutdown()  # the demo leaves its endpoint up on the session's cluster; later tests pick their own port
     for split in ("train", "holdout"):  # broken events are quarantined with their reason, not dropped
         layout = StoreLayout(str(tmp_path / "data"), split)
         assert layout.output_files("groups")

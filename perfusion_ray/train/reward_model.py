@@ -154,7 +154,7 @@ def train_loop_per_worker(loop: dict) -> None:
         report_with_checkpoint(
             engine, state,
             {"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation, "best_val_gauc": state["best_gauc"],
-             "resumed_from_epoch": resumed_from, "train_seconds": state["train_seconds"],
+             "resumed_from_epoch": resumed_from, "train_seconds": state["train_seconds"], "exported": int(improved),
              "groups_trained": state["groups_trained"], "epoch_data_wait_seconds": waited,
              "epoch_train_seconds": train_seconds, "epoch_cpu_seconds": time.process_time() - cpu_started},
             export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None)
@@ -209,7 +209,9 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         rm, config.cluster, RUN_NAME, storage, datasets,
         CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_gauc", checkpoint_score_order="max"))
     result = trainer.fit()
-    best = max(result.best_checkpoints, key=lambda pair: (_finite_or_lowest(pair[1].get("val_gauc")), pair[1]["epoch"]))
+    # Only checkpoints of improving epochs hold a model; among those the best score, then the latest epoch.
+    best = max(result.best_checkpoints, key=lambda pair: (pair[1].get("exported", 1),
+                                                          _finite_or_lowest(pair[1].get("val_gauc")), pair[1]["epoch"]))
     with best[0].as_directory() as folder:
         exported = Path(folder) / "model"
         if not exported.is_dir():
