@@ -187,12 +187,9 @@ def cmd_align_train(args: argparse.Namespace) -> int:
 
 
 def _print_rounds(history: list[dict]) -> None:
-    rows = [(m["round"], f"{m['rm_reward']:.3f}", f"{m['oracle_utility']:.3f}", f"{m['loss']:.3f}",
-             f"{m['reference_gap']:.2e}", m["fresh_partitions"], f"{m['generate_seconds']:.0f}",
-             f"{m['score_seconds']:.1f}", f"{m['optimize_seconds']:.0f}", f"{m['rm_refresh_seconds']:.0f}")
-            for m in history]
-    print(_table(rows, ("round", "RM reward", "oracle utility", "loss", "ref. gap", "fresh partitions",
-                        "generate s", "score s", "optimize s", "RM refresh s")))
+    from perfusion_ray.report import TABLES, round_rows
+
+    print(_table(round_rows(history), TABLES["rounds"]))
 
 
 def cmd_align_online(args: argparse.Namespace) -> int:

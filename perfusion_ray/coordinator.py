@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +44,6 @@ class RoundPlan:
     requests: list[dict]  # {request_id, merchant (record), prompt}, split over the workers by position
 
 
-@dataclass
-class RoundProgress:
-    """What the driver shows while the rounds run."""
-
-    rounds_done: int = 0
-    history: list[dict] = field(default_factory=list)
-    rm_version: str = ""
-
-
 def _quiet_ray_data() -> None:
     """No Ray Data progress bars from the rounds' small ingests (they would drown the round view)."""
     from ray.data import DataContext
@@ -71,7 +62,7 @@ class RoundCoordinator:
         self.layout = StoreLayout(self.config.data.root, "train")
         self.world = build_world(self.config)
         self.out = Path(self.config.online.out).absolute()
-        self.progress = RoundProgress()
+        self.history: list[dict] = []  # recorded rounds, for the driver's live view
         self._writer = None
         self._prefetch: threading.Thread | None = None
         _quiet_ray_data()
@@ -150,7 +141,6 @@ class RoundCoordinator:
         wanted = model_version(model_dir)
         if self.serving_version() != wanted:
             rollout(model_dir, self.config.serve.app_name)
-        self.progress.rm_version = wanted
         return wanted
 
     def publish_policy(self, pipeline_dir: str) -> str | None:
@@ -184,11 +174,10 @@ class RoundCoordinator:
                 if isinstance(value, (int, float)) and name != "round":
                     self._writer.add_scalar(f"online/{name}", value, metrics["round"])
             self._writer.flush()
-        self.progress.history.append(metrics)
-        self.progress.rounds_done = metrics["round"] + 1
+        self.history.append(metrics)
 
-    def get_progress(self) -> RoundProgress:
-        return self.progress
+    def get_history(self) -> list[dict]:
+        return self.history
 
 
 # ---------------------------------------------------------------- driver
@@ -212,10 +201,10 @@ def _show_progress(coordinator, total: int, first: int, stop: threading.Event) -
         seen = first
         while not stop.wait(2.0):
             try:
-                progress = ray.get(coordinator.get_progress.remote(), timeout=10)
+                history = ray.get(coordinator.get_history.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - the view must never kill the run
                 continue
-            for metrics in progress.history:
+            for metrics in history:
                 if metrics["round"] >= seen:
                     bar.update(metrics["round"] + 1 - seen)
                     seen = metrics["round"] + 1
@@ -293,7 +282,7 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     start_reward_endpoint(config, rm_path)
     coordinator = ray.remote(num_cpus=0)(RoundCoordinator).options(name=COORDINATOR_NAME, lifetime=None).remote(
         config.model_dump(mode="json"))
-    ray.get(coordinator.get_progress.remote())  # fail here, not in the workers, when it cannot start
+    ray.get(coordinator.get_history.remote())  # fail here, not in the workers, when it cannot start
     loop_config = {"config": config.model_dump(mode="json"), **policy_merchants(config),
                    "coordinator": COORDINATOR_NAME, "rm_dir": str(rm_path),
                    # Runs ingested before the loop are logged feedback, not fresh: the RM already saw them.

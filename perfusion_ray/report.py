@@ -86,7 +86,8 @@ def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _round_rows(rounds: list[dict]) -> list[tuple]:
+def round_rows(rounds: list[dict]) -> list[tuple]:
+    """One row per round, in the columns of TABLES['rounds'] (the report and `perfusion align` print it)."""
     return [(m["round"], f"{m['rm_reward']:.3f}", f"{m['oracle_utility']:.3f}", f"{m['loss']:.3f}",
              m["fresh_partitions"], f"{m['generate_seconds']:.0f}", f"{m['score_seconds']:.1f}",
              f"{m['optimize_seconds']:.0f}", f"{m['rm_refresh_seconds']:.0f}", m.get("rm_version", ""))
@@ -127,7 +128,7 @@ def _sections(inputs: ReportInputs, figures: dict[str, str]) -> list[tuple[str, 
         ("Summary", "text", [verdict] + inputs.notes),
         ("Reward model on held-out groups", "table", [TABLES["rm"], _rm_rows(inputs.rm_table)]),
         ("Online rounds", "figure", [figures["rounds"], "RM reward, oracle utility and loss per round"]),
-        ("Per round", "table", [TABLES["rounds"], _round_rows(inputs.rounds)]),
+        ("Per round", "table", [TABLES["rounds"], round_rows(inputs.rounds)]),
         ("Aligned vs base on held-out requests", "table", [TABLES["align"], _alignment_rows(m)]),
         ("Fidelity check (reward hacking would show here)", "table", [TABLES["fidelity"], _fidelity_rows(m)]),
     ]

@@ -10,6 +10,7 @@ sent == stored == ingested + quarantined.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,13 +92,13 @@ class EndpointMerchants:
                     raise
                 with self._lock:
                     self.counts.rate_limited += 1
-                time.sleep(getattr(exc, "retry_after_s", None) or 1.0)
+                time.sleep(exc.retry_after_s or 1.0)
         raise RuntimeError(f"still rate limited after {self.max_retries} tries")
 
     def run(self, requests: int | None = None, stop: threading.Event | None = None, first_index: int = 0) -> ClientCounts:
         """Send requests `first_index`, `first_index + 1`, ... until `requests` were sent or `stop` is set."""
         stop = stop or threading.Event()
-        indices = iter(range(first_index, first_index + requests) if requests is not None else _count(first_index))
+        indices = iter(range(first_index, first_index + requests) if requests is not None else itertools.count(first_index))
         lock = threading.Lock()
 
         def worker() -> None:
@@ -116,9 +117,3 @@ class EndpointMerchants:
             for future in [pool.submit(worker) for _ in range(self.concurrency)]:
                 future.result()
         return self.counts
-
-
-def _count(start: int):
-    while True:
-        yield start
-        start += 1

@@ -125,10 +125,10 @@ def _publish(config: PerfusionConfig, loop: dict, full_state: dict, round_index:
     return version
 
 
-def _mean_over_ranks(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Weighted means over every rank of each value (weight: e.g. this rank's sample count)."""
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean over every rank of each value (every rank has the same share of requests and steps)."""
     names = sorted(values)
-    sums = all_reduce_sum([values[n] * weight for n in names] + [weight])
+    sums = all_reduce_sum([values[n] for n in names] + [1.0])
     return {name: sums[i] / max(sums[-1], 1e-12) for i, name in enumerate(names)}
 
 
@@ -239,7 +239,7 @@ def online_loop_per_worker(loop: dict) -> None:
         metrics = _mean_over_ranks({
             "rm_reward": float(scores.mean()), "oracle_utility": float(utilities.mean()),
             "loss": float(np.mean(losses)), "reward_margin": float(np.mean(margins)),
-            "reference_gap": float(np.mean(gaps)), **times}, weight=1.0)
+            "reference_gap": float(np.mean(gaps)), **times})
         counts = all_reduce_sum([float(skipped), float(used)])
         state["round"] = r + 1
         state["steps"] += online.steps_per_round
