@@ -227,6 +227,10 @@ class OnlineConfig(Section):
     rm_refresh_lr: float = Field(1e-3, gt=0, description="learning rate of the RM refresh (warm start)")
     publish_every: int = Field(0, ge=0, description="export the policy every N rounds and roll the design "
                                                     "endpoint to it when one is deployed (0: only at the end)")
+    policy_average_decay: float = Field(
+        0.7, ge=0, lt=1, description="the exported and published policy is an exponential moving average of the "
+                                     "round-end weights with this decay (0: the last round's weights); the "
+                                     "rounds keep generating with the current weights")
     live_hours: int = Field(0, ge=0, description="demo: the last N hours of world.hours are held back and "
                                                  "written into the store while the rounds run")
     live_interval_s: float = Field(20.0, gt=0, description="demo: seconds between two live feedback hours")

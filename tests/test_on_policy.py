@@ -1,11 +1,14 @@
-"""The pure parts of an online round: P/N from the RM ranking, the on-policy/logged mix, batch layout."""
+"""The pure parts of an online round: P/N from the RM ranking, the on-policy/logged mix, batch layout, the
+averaged policy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from perfusion_ray.train.on_policy import concat, generated_batch, mix_sizes, reward_labels, take
+import torch
+
+from perfusion_ray.train.on_policy import average_weights, concat, generated_batch, mix_sizes, reward_labels, take
 
 
 def test_top_m_puts_exactly_the_m_best_in_p():
@@ -55,3 +58,22 @@ def test_generated_groups_have_the_logged_batch_layout():
     both = concat([batch, take(batch, np.array([1]))])
     assert both["request_id"].tolist() == ["r1", "r2", "r2"]
     assert both["merchant_json"][2] == '[{}, {}]'
+
+
+def test_the_averaged_policy_weighs_recent_rounds_most_and_keeps_counters():
+    rounds = [{"w": torch.full((2,), float(r), dtype=torch.bfloat16), "step": torch.tensor(r)} for r in (1, 2, 3)]
+    average = None
+    for weights in rounds:
+        average = average_weights(average, weights, decay=0.5)
+    # 0.25 * 1 + 0.25 * 2 + 0.5 * 3 (the first round starts the average)
+    assert torch.allclose(average["w"], torch.full((2,), 2.25))
+    assert average["w"].dtype == torch.float32 and average["step"].item() == 3
+
+
+def test_decay_zero_ships_the_last_round_and_bad_inputs_are_errors():
+    first, last = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    assert torch.equal(average_weights(first, last, 0.0)["w"], last["w"])
+    with pytest.raises(ValueError, match="decay"):
+        average_weights(first, last, 1.0)
+    with pytest.raises(ValueError, match="missing"):
+        average_weights(first, {"v": torch.ones(2)}, 0.5)

@@ -9,11 +9,14 @@ Each worker holds the frozen base and the policy in a DeepSpeed engine (ZeRO sta
   3. generates K images for its share of the requests with the CURRENT policy;
   4. scores them through the Serve deployment handle (on-policy) and splits P/N from the RM ranking;
   5. takes `online.steps_per_round` group-objective steps on a mix of on-policy and logged groups;
-  6. reports the round's metrics (all-reduced) and checkpoints the whole round state through
-     ray.train.report: engine (weights + optimizer + LR schedule) on every rank, and state.json with the
-     round number, the consumed ingest runs and partitions (the watermark), the served RM and the
-     history. Random draws are seeded by (seed, rank, round), so the round number restores them too.
-After the last round the gathered weights are exported as a PerFusionPipeline (as offline alignment does).
+  6. folds the round-end weights into a moving average (online.policy_average_decay), the policy that is
+     published and exported: a last iterate swings with the few on-policy groups of its last round;
+  7. reports the round's metrics (all-reduced) and checkpoints the whole round state through
+     ray.train.report: engine (weights + optimizer + LR schedule) on every rank, the averaged policy, and
+     state.json with the round number, the consumed ingest runs and partitions (the watermark), the
+     served RM and the history. Random draws are seeded by (seed, rank, round), so the round number
+     restores them too.
+After the last round the averaged weights are exported as a PerFusionPipeline (as offline alignment does).
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ from perfusion_ray.faults import fault_point
 from perfusion_ray.train.align_offline import build_worker_policy, export_pipeline
 from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest
 from perfusion_ray.train.group_step import group_step, group_tensors
-from perfusion_ray.train.on_policy import concat, generated_batch, mix_sizes, reward_labels, take
+from perfusion_ray.train.on_policy import average_weights, concat, generated_batch, mix_sizes, reward_labels, take
 from perfusion_ray.train.strategy import DeepSpeedStrategy
+
+
+AVERAGE_FILE = "policy_average.safetensors"  # in each round checkpoint: the averaged policy weights
 
 
 def load_groups(files: list[str], store_root: str) -> dict[str, np.ndarray] | None:
@@ -156,7 +162,16 @@ def online_loop_per_worker(loop: dict) -> None:
     strategy = DeepSpeedStrategy(zero_stage=align.zero_stage, lr=align.lr, micro_batch=align.batch_groups,
                                  bf16=align.bf16, weight_decay=align.weight_decay, warmup_steps=align.warmup_steps)
     engine = strategy.prepare(policy)
-    state = restore_latest(engine, initial_state(loop))
+    restored: dict = {}
+
+    def read_average(folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        if (folder / AVERAGE_FILE).is_file():
+            restored["average"] = load_file(str(folder / AVERAGE_FILE))
+
+    state = restore_latest(engine, initial_state(loop), read_average)
+    average = restored.get("average")
     resumed_from = state["round"]
     coordinator = ray.get_actor(loop["coordinator"])
     if rank == 0:
@@ -254,14 +269,28 @@ def online_loop_per_worker(loop: dict) -> None:
                         "round_seconds": sum(times.values())})
         final = state["round"] >= online.rounds
         publish = bool(online.publish_every) and state["round"] % online.publish_every == 0 and not final
-        full_state = strategy.full_state_dict(engine) if final or publish else None  # collective under ZeRO-3
+        averaging = online.policy_average_decay > 0
+        # collective under ZeRO-3: every rank gathers
+        full_state = strategy.full_state_dict(engine) if final or publish or averaging else None
+        if averaging:
+            average = shipped = average_weights(average, full_state, online.policy_average_decay)
+        else:
+            shipped = full_state
         if publish:
             clock = time.perf_counter()
-            metrics["policy_version"] = _publish(config, loop, full_state, r, rank, coordinator) or ""
+            metrics["policy_version"] = _publish(config, loop, shipped, r, rank, coordinator) or ""
             metrics["publish_seconds"] = time.perf_counter() - clock
         state["history"].append(metrics)
         if rank == 0:
             ray.get(coordinator.record_round.remote(metrics))
-        report_with_checkpoint(engine, state, metrics, export=(
-            lambda folder: export_pipeline(config, loop, full_state, folder / "pipeline")) if final else None)
+
+        def export(folder: Path) -> None:
+            from safetensors.torch import save_file
+
+            if averaging:
+                save_file({n: t.contiguous() for n, t in average.items()}, str(folder / AVERAGE_FILE))
+            if final:
+                export_pipeline(config, loop, shipped, folder / "pipeline")
+
+        report_with_checkpoint(engine, state, metrics, export=export)
         fault_point(f"online:round{r}:checkpointed")

@@ -43,8 +43,9 @@ def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: Cl
     )
 
 
-def restore_latest(engine, state: dict) -> dict:
-    """Load Ray Train's latest checkpoint (engine + state.json) into `engine`; its state, else `state`."""
+def restore_latest(engine, state: dict, read_extra=None) -> dict:
+    """Load Ray Train's latest checkpoint (engine + state.json) into `engine`; its state, else `state`.
+    read_extra(folder), when given, reads whatever else the checkpoint holds (see report_with_checkpoint)."""
     import json
 
     import ray.train
@@ -54,6 +55,8 @@ def restore_latest(engine, state: dict) -> dict:
         return state
     with checkpoint.as_directory() as folder:
         engine.load_checkpoint(folder, tag="engine")
+        if read_extra is not None:
+            read_extra(Path(folder))
         return json.loads((Path(folder) / "state.json").read_text())
 
 

@@ -1,5 +1,6 @@
 """On-policy groups of a round: the reward model's ranking of a generated group -> P/N labels, and the
-mix of on-policy and logged groups in each optimizer step. Pure numpy; no Ray, no I/O."""
+mix of on-policy and logged groups in each optimizer step, and the moving average of the round-end
+policies that is exported. Pure functions; no Ray, no I/O."""
 
 from __future__ import annotations
 
@@ -69,3 +70,19 @@ def generated_batch(request_ids: list[str], merchants: list[dict], prompts: list
         "images": np.asarray(images, dtype=np.uint8),
         "labels": np.asarray(labels, dtype=np.float32),
     }
+
+
+def average_weights(average: dict | None, current: dict, decay: float) -> dict:
+    """One step of an exponential moving average of state dicts: decay * average + (1 - decay) * current
+    (the current weights when there is no average yet or decay is 0), kept in float32 so bf16 weights
+    average without rounding away small steps. Non-float entries (step counters) are taken from `current`."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1): {decay}")
+    current = {name: value.float() if value.is_floating_point() else value for name, value in current.items()}
+    if average is None or decay == 0:
+        return current
+    if average.keys() != current.keys():
+        missing, extra = sorted(current.keys() - average.keys()), sorted(average.keys() - current.keys())
+        raise ValueError(f"average and current weights differ in names: missing {missing[:3]}, extra {extra[:3]}")
+    return {name: decay * average[name] + (1 - decay) * value if value.is_floating_point() else value
+            for name, value in current.items()}
