@@ -77,9 +77,10 @@ async def bounded_load(send: Callable[[int], Awaitable[None]], concurrency: int,
 
 
 def http_load(url: str, bodies: Sequence[bytes], check: Callable[[int, dict], None], concurrency: int,
-              max_requests: int, max_seconds: float, timeout_s: float = 60.0):
-    """bounded_load of JSON POSTs of bodies[index] to `url` (loopback only); an answer other than 200, or one
-    check(index, answer) raises on, is a failure. Returns what bounded_load returns."""
+              max_requests: int, max_seconds: float, timeout_s: float = 60.0, token: str | None = None):
+    """bounded_load of JSON POSTs of bodies[index] to `url` (loopback only, with the bearer token when
+    given); an answer other than 200, or one check(index, answer) raises on, is a failure. Returns what
+    bounded_load returns."""
     import aiohttp
 
     if urlparse(url).hostname not in LOOPBACK:
@@ -89,9 +90,10 @@ def http_load(url: str, bodies: Sequence[bytes], check: Callable[[int, dict], No
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(connector=connector,
                                          timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+
             async def send(index: int):
-                async with session.post(url, data=bodies[index],
-                                        headers={"Content-Type": "application/json"}) as response:
+                async with session.post(url, data=bodies[index], headers=headers) as response:
                     body = await response.read()
                     if response.status != 200:
                         raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
@@ -103,7 +105,7 @@ def http_load(url: str, bodies: Sequence[bytes], check: Callable[[int, dict], No
 
 
 def cpu_seconds(replicas: dict[str, str]) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of this process ("load generator"), Serve's proxy ("proxy") and the Serve replicas
+    """CPU seconds so far of this process ("load generator"), Serve's proxy or HAProxy ("proxy") and the Serve replicas
     whose command line holds replicas[role] (role -> marker, e.g. {"replicas": "RewardModel"}):
     pid -> (role, user + system)."""
     import psutil
@@ -114,8 +116,8 @@ def cpu_seconds(replicas: dict[str, str]) -> dict[int, tuple[str, float]]:
         cmd = " ".join(proc.info["cmdline"] or [])
         if proc.pid == me:
             role = "load generator"
-        elif "ray::ProxyActor" in cmd:
-            role = "proxy"
+        elif "ray::ProxyActor" in cmd or os.path.basename((proc.info["cmdline"] or [""])[0]) == "haproxy":
+            role = "proxy"  # Serve's Python proxy, or HAProxy under cluster.serve_ingress=haproxy
         elif "ray::ServeReplica" in cmd:
             role = next((name for name, marker in replicas.items() if marker in cmd), None)
             if role is None:

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ import numpy as np
 
 from benchmarks.serve_common import (Tee, bounded_load, cpu_per_request, cpu_seconds, free_port, header, http_load,
                                      ray_workers_at_our_priority, reward_model_dir)
-from perfusion_ray.config import ClusterConfig, load_config
+from perfusion_ray.config import load_config
+from perfusion_ray.serve.apps import serve_token
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_reward.txt"
 CONCURRENCY = (1, 8, 32)
@@ -140,12 +142,13 @@ class Run:
         return self.requests / self.seconds
 
 
-def http_run(url: str, workload: Workload, concurrency: int, max_requests: int, max_seconds: float, version: str):
+def http_run(url: str, workload: Workload, concurrency: int, max_requests: int, max_seconds: float, version: str,
+             token: str | None):
     def check(index: int, answer: dict) -> None:
         if answer["model_version"] != version or len(answer["scores"]) != workload.images_per_request:
             raise RuntimeError(f"unexpected answer {answer}")
 
-    return http_load(f"{url}/v1/score", workload.bodies, check, concurrency, max_requests, max_seconds)
+    return http_load(f"{url}/v1/score", workload.bodies, check, concurrency, max_requests, max_seconds, token=token)
 
 
 def handle_run(app: str, workload: Workload, concurrency: int, max_requests: int, max_seconds: float, version: str):
@@ -194,7 +197,14 @@ def main() -> None:
 
     torch.set_num_threads(1)  # as the replicas run; the 2 cores are shared
     log = Tee(args.results)
-    config = load_config(None, [f"serve.port={free_port()}", "serve.app_name=bench_reward", *args.set])
+    overrides = [f"serve.port={free_port()}", "serve.app_name=bench_reward", *args.set]
+    config = load_config(None, overrides)
+    if config.cluster.serve_ingress == "haproxy" and not serve_token(config):
+        # HAProxy ingress has the replicas listen on every interface, which needs a token: a fresh one per run.
+        args.set.append(f"serve.bearer_token={secrets.token_urlsafe(16)}")
+        overrides.append(args.set[-1])
+        config = load_config(None, overrides)
+    token = serve_token(config)
     s = config.serve
     header(log, "benchmarks.serve_reward", args.env)
     model_dir = reward_model_dir(args.model, args.out)
@@ -202,7 +212,7 @@ def main() -> None:
     log(f"model: {model_dir}; requests: {args.distinct} distinct FashionWorld (merchant, prompt) requests of K "
         f"catalogue renders (32x32 PNG), at most {args.requests} requests or {args.seconds:.0f} s per run, each after "
         f"{args.warmup:.0f} s of the same load")
-    log(f"endpoint: @serve.batch up to {s.max_batch_size} images, wait {s.batch_wait_timeout_s * 1000:.0f} ms; "
+    log(f"endpoint: ingress {config.cluster.serve_ingress} (cluster.serve_ingress); @serve.batch up to {s.max_batch_size} images, wait {s.batch_wait_timeout_s * 1000:.0f} ms; "
         f"replicas {s.min_replicas}-{s.max_replicas} x {s.replica_cpus} CPU, target {s.target_ongoing_requests:g} "
         f"ongoing, max_ongoing_requests {s.max_ongoing_requests}, upscale/downscale delay "
         f"{s.upscale_delay_s:g}/{s.downscale_delay_s:g} s, look-back {s.look_back_period_s:g} s")
@@ -215,7 +225,7 @@ def main() -> None:
     from perfusion_ray.serve import reward_app
     from perfusion_ray.serve.model_store import model_version
 
-    ray = init_ray(ClusterConfig(num_cpus=2))
+    ray = init_ray(config.cluster.model_copy(update={"num_cpus": 2}))
     from ray import serve
 
     sampler = ReplicaSampler(s.app_name)
@@ -235,7 +245,7 @@ def main() -> None:
                 for transport in args.transports:
                     def load(max_seconds: float):
                         if transport == "http":
-                            return http_run(url, workload, concurrency, args.requests, max_seconds, version)
+                            return http_run(url, workload, concurrency, args.requests, max_seconds, version, token)
                         return handle_run(s.app_name, workload, concurrency, args.requests, max_seconds, version)
 
                     warm = load(args.warmup) if args.warmup > 0 else ([], [], 0.0)

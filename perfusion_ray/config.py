@@ -345,6 +345,12 @@ class ClusterConfig(Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (None: all)")
     cpus_per_worker: float = Field(0.5, gt=0, description="per Ray Train worker; 1.0 on 2 cores hangs Data+Train")
+    serve_ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="how HTTP reaches Serve on this cluster: Serve's Python proxy on serve.host:port, or "
+                             "HAProxy there in front of replicas that take HTTP themselves (Serve's high-throughput "
+                             "mode: RAY_SERVE_ENABLE_HA_PROXY + RAY_SERVE_THROUGHPUT_OPTIMIZED). haproxy makes the "
+                             "replicas listen on every interface, so it needs a bearer token. Applied when a local "
+                             "cluster starts; a cluster you join must have been started with the same environment")
 
 
 class PerfusionConfig(Section):

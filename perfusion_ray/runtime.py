@@ -25,6 +25,18 @@ _PROCESS_ENV = {
 }
 
 
+# Serve's high-throughput ingress (cluster.serve_ingress: haproxy). Every Serve process reads these when it
+# starts, so they go into the environment of a local cluster before it starts. The throughput mode would
+# also move handle routing onto the caller's event loop, which breaks synchronous handle callers (the
+# rounds' Train workers): the router keeps its own loop.
+HAPROXY_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                       "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
+def serve_ingress_env(ingress: str) -> dict[str, str]:
+    return dict(HAPROXY_INGRESS_ENV) if ingress == "haproxy" else {}
+
+
 def _has_cuda() -> bool:
     # Cheap on purpose (runs at package import): the driver's device node, not a torch import.
     return os.path.exists("/dev/nvidiactl")
@@ -85,6 +97,8 @@ def init_ray(cluster: "ClusterConfig | None" = None):
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # Inherited by the raylet and so by every worker, Serve's controller, proxies and replicas included.
+        os.environ.update(serve_ingress_env(cluster.serve_ingress if cluster else "proxy"))
         ray.init(
             num_cpus=cluster.num_cpus if cluster else None,
             _node_ip_address=LOOPBACK,

@@ -231,10 +231,11 @@ def test_loopback_needs_no_token(host):
     check_bind(host, None)
 
 
-def test_cli_refuses_to_bind_elsewhere_before_starting_anything(tmp_path):
+@pytest.mark.parametrize("override", ["serve.host=0.0.0.0", "cluster.serve_ingress=haproxy"])
+def test_cli_refuses_to_bind_elsewhere_before_starting_anything(tmp_path, override):
     env = {k: v for k, v in os.environ.items() if k not in ("PERFUSION_SERVE_TOKEN", "RAY_ADDRESS")}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "perfusion_ray.cli", "serve", "--set", "serve.host=0.0.0.0",
+    result = subprocess.run([sys.executable, "-m", "perfusion_ray.cli", "serve", "--set", override,
                              "--model", str(tmp_path / "none")], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: refusing to serve the reward endpoint on '0.0.0.0' without a bearer token")
@@ -246,6 +247,68 @@ def test_app_builder_refuses_a_non_loopback_host_without_token():
 
     with pytest.raises(PerfusionError, match="without a bearer token"):
         build_app({"config": "configs/fashionworld.yaml", "set": ["serve.host=0.0.0.0"]})
+
+
+def test_haproxy_ingress_needs_a_token_even_with_a_loopback_host(monkeypatch):
+    from perfusion_ray.serve.reward_app import build_app
+
+    monkeypatch.delenv("PERFUSION_SERVE_TOKEN", raising=False)
+    # HAProxy ingress has the replicas take HTTP on their own ports, on every interface.
+    with pytest.raises(PerfusionError, match="on '0.0.0.0' without a bearer token"):
+        build_app({"config": "configs/fashionworld.yaml", "set": ["cluster.serve_ingress=haproxy"]})
+
+
+HAPROXY_PROBE = """
+import json, sys
+from perfusion_ray.config import load_config
+from perfusion_ray.runtime import init_ray
+
+model, token, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+config = load_config(None, overrides)
+ray = init_ray(config.cluster)
+from ray import serve
+from perfusion_ray.serve import reward_app
+from perfusion_ray.serve.client import RewardClient, RewardHandleClient
+from perfusion_ray.serve.schemas import Merchant
+import numpy as np, requests
+
+try:
+    reward_app.start_serve(config)
+    reward_app.deploy(reward_app.application_entry(config, None, overrides, model_dir=model), timeout_s=240)
+    url = f"http://127.0.0.1:{config.serve.port}"
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    merchant = Merchant("m0", {"region": "south", "tier": "small"}, {"price_level": 1.5})
+    http = RewardClient(url, token=token).score("a striped dark red dress", images, merchant)
+    handle = RewardHandleClient(config.serve.app_name).score("a striped dark red dress", images, merchant)
+    anonymous = requests.post(f"{url}/v1/score", json={"prompt": "a coat", "images": []}, timeout=30)
+    print("RESULT " + json.dumps({"http": http.scores.tolist(), "handle": handle.scores.tolist(),
+                                  "anonymous": anonymous.status_code}))
+finally:
+    serve.shutdown()
+    ray.shutdown()
+"""
+
+
+def test_haproxy_ingress_serves_the_same_scores_over_http_and_the_handle(tmp_path):
+    """Serve's high-throughput ingress needs its environment when the cluster starts, so the probe runs in
+    its own process with its own local cluster: HTTP through HAProxy with the token, a synchronous handle
+    call (as the rounds' Train workers make), and a refusal without the token."""
+    model = _make_rm(tmp_path / "rm", "v1", 0)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PERFUSION_SERVE_TOKEN")}
+    overrides = ["cluster.serve_ingress=haproxy", f"serve.port={free_port()}", "cluster.num_cpus=2",
+                 f"serve.bearer_token={TOKEN}", "serve.min_replicas=1", "serve.max_replicas=1"]
+    probe = subprocess.run([sys.executable, "-c", HAPROXY_PROBE, str(model), TOKEN, *overrides], env=env,
+                           capture_output=True, text=True, timeout=400)
+    lines = [line for line in probe.stdout.splitlines() if line.startswith("RESULT ")]
+    assert probe.returncode == 0 and lines, (probe.stdout + probe.stderr)[-4000:]
+    answer = json.loads(lines[-1].removeprefix("RESULT "))
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    n = len(images)
+    expected = load_reward_model(model).score(MerchantBatch(["m0"] * n, [FEATURES] * n, [STATS] * n),
+                                              ["a striped dark red dress"] * n, images)
+    np.testing.assert_allclose(answer["http"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answer["handle"], expected, rtol=1e-5, atol=1e-5)
+    assert answer["anonymous"] == 401
 
 
 # ---------------------------------------------------------------- the config file and the CLI

@@ -21,7 +21,7 @@ from typing import Protocol
 from perfusion_ray.config import PerfusionConfig, ServeConfig, load_config
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.serve.model_store import resolve_path
-from perfusion_ray.serve.security import check_bind, resolve_token
+from perfusion_ray.serve.security import ALL_INTERFACES, check_bind, resolve_token
 
 
 class ReplicaBounds(Protocol):
@@ -71,10 +71,16 @@ def serve_token(config: PerfusionConfig) -> str | None:
     return resolve_token(config.serve.bearer_token, config.serve.bearer_token_env)
 
 
+def bind_host(config: PerfusionConfig) -> str:
+    """Where HTTP can reach the apps: serve.host, or every interface under cluster.serve_ingress=haproxy
+    (the replicas then take HTTP on their own ports, on every interface)."""
+    return ALL_INTERFACES if config.cluster.serve_ingress == "haproxy" else config.serve.host
+
+
 def checked_token(config: PerfusionConfig, what: str = "the reward endpoint") -> str | None:
     """The token, after refusing a non-loopback bind address without one."""
     token = serve_token(config)
-    check_bind(config.serve.host, token, config.serve.bearer_token_env, what)
+    check_bind(bind_host(config), token, config.serve.bearer_token_env, what)
     return token
 
 

@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from perfusion_ray.serve.http import (authorize, health_response, parse_object, proxy_host, read_body,
-                                      refusal_response)
+from perfusion_ray.serve.http import (authorize, health_response, parse_object, read_body, refusal_response,
+                                      serving_host)
 from perfusion_ray.serve.images import array_images, decode_images
 from perfusion_ray.serve.model_store import ServedModel, VersionedReplica, load_served_model
 from perfusion_ray.serve.schemas import (MerchantFields, RewardRequestError, ScoreRequest, describe_validation_error,
@@ -79,7 +79,7 @@ class RewardModel(VersionedReplica):
         self.token = bearer_token
         # Refuse to serve on a non-loopback proxy without a token, however the app was deployed
         # (`perfusion serve` checks before binding; `serve run`/`serve deploy` bind first).
-        check_bind(proxy_host(), self.token)
+        check_bind(serving_host(), self.token)
         self._served: ServedModel | None = None
         self._batching = (self.limits.max_batch_size, self.limits.batch_wait_timeout_s)
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="rm-score")

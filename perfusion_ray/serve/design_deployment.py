@@ -35,8 +35,8 @@ from ray import serve
 from perfusion_ray.serve.design_feedback import DesignStore
 from perfusion_ray.serve.design_limits import RateLimiter
 from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, FeedbackRequest
-from perfusion_ray.serve.http import (authorize, health_response, parse_object, proxy_host, read_body,
-                                      refusal_response)
+from perfusion_ray.serve.http import (authorize, health_response, parse_object, read_body, refusal_response,
+                                      serving_host)
 from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
 from perfusion_ray.serve.schemas import Merchant, RewardRequestError, describe_validation_error, reject
 from perfusion_ray.serve.security import check_bind
@@ -149,7 +149,7 @@ class DesignModel(VersionedReplica):
         torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
         self.settings = DesignSettings(**settings)
         self.token = bearer_token
-        check_bind(proxy_host(), self.token, what="the design endpoint")
+        check_bind(serving_host(), self.token, what="the design endpoint")
         self.store = DesignStore(self.settings.store_root, self.settings.split)
         self.limiter = RateLimiter(self.settings.rate_limit_per_minute, self.settings.rate_limit_burst)
         self._served: Served | None = None

@@ -12,14 +12,19 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from perfusion_ray.serve.schemas import RewardRequestError, reject
-from perfusion_ray.serve.security import authorized
+from perfusion_ray.serve.security import ALL_INTERFACES, authorized
 
 
-def proxy_host() -> str | None:
-    """The host Serve's HTTP proxies bind, as the controller knows it."""
+def serving_host() -> str | None:
+    """The address HTTP reaches this replica's app on: the host Serve's proxies bind, as the controller knows
+    it, or every interface when HAProxy fronts replicas that listen themselves (cluster.serve_ingress)."""
+    import os
+
     import ray
     from ray.serve.context import _get_global_client
 
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return ALL_INTERFACES
     config = ray.get(_get_global_client()._controller.get_http_config.remote())
     return config.host
 

@@ -15,6 +15,7 @@ import os
 from perfusion_ray.errors import PerfusionError
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+ALL_INTERFACES = "0.0.0.0"
 
 
 def is_loopback(host: str | None) -> bool:
