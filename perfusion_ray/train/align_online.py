@@ -167,7 +167,7 @@ def online_loop_per_worker(loop: dict) -> None:
     def read_average(folder: Path) -> None:
         from safetensors.torch import load_file
 
-        if (folder / AVERAGE_FILE).is_file():
+        if rank == 0 and (folder / AVERAGE_FILE).is_file():  # only rank 0 publishes and exports
             restored["average"] = load_file(str(folder / AVERAGE_FILE))
 
     state = restore_latest(engine, initial_state(loop), read_average)
@@ -272,7 +272,7 @@ def online_loop_per_worker(loop: dict) -> None:
         averaging = online.policy_average_decay > 0
         # collective under ZeRO-3: every rank gathers
         full_state = strategy.full_state_dict(engine) if final or publish or averaging else None
-        if averaging:
+        if averaging and rank == 0:  # only rank 0 publishes and exports: the others keep no average
             average = shipped = average_weights(average, full_state, online.policy_average_decay)
         else:
             shipped = full_state
