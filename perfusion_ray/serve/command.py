@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.errors import PerfusionError
-from perfusion_ray.serve.apps import AppKind, bind_host
+from perfusion_ray.serve.apps import AppKind, checked_token
 from perfusion_ray.serve.model_store import CONFIG_FILE, WEIGHTS_FILE, model_version, pipeline_version, resolve_path
-from perfusion_ray.serve.security import check_bind, resolve_token
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,9 @@ def _design(config: PerfusionConfig, given: Path | None) -> ServedApp:
 
 
 def run(args, config: PerfusionConfig) -> int:
-    token = resolve_token(config.serve.bearer_token, config.serve.bearer_token_env)
     app_kind = getattr(args, "app", "reward")
-    check_bind(bind_host(config), token, config.serve.bearer_token_env,
-               "the design endpoint" if app_kind == "design" else "the reward endpoint")  # before anything binds
+    # Before anything binds.
+    token = checked_token(config, "the design endpoint" if app_kind == "design" else "the reward endpoint")
     app = (_design if app_kind == "design" else _reward)(config, args.model)
     joined = bool(config.cluster.address or os.environ.get("RAY_ADDRESS"))
     if args.detach and not joined:

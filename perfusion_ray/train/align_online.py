@@ -269,16 +269,14 @@ def online_loop_per_worker(loop: dict) -> None:
                         "round_seconds": sum(times.values())})
         final = state["round"] >= online.rounds
         publish = bool(online.publish_every) and state["round"] % online.publish_every == 0 and not final
-        averaging = online.policy_average_decay > 0
-        # collective under ZeRO-3: every rank gathers
-        full_state = strategy.full_state_dict(engine) if final or publish or averaging else None
-        if averaging and rank == 0:  # only rank 0 publishes and exports: the others keep no average
-            average = shipped = average_weights(average, full_state, online.policy_average_decay)
-        else:
-            shipped = full_state
+        decay = online.policy_average_decay
+        if final or publish or decay:
+            full_state = strategy.full_state_dict(engine)  # collective under ZeRO-3: every rank gathers
+            if rank == 0:  # rank 0 alone publishes and exports, so only it keeps the average (decay 0: the last)
+                average = average_weights(average, full_state, decay)
         if publish:
             clock = time.perf_counter()
-            metrics["policy_version"] = _publish(config, loop, shipped, r, rank, coordinator) or ""
+            metrics["policy_version"] = _publish(config, loop, average, r, rank, coordinator) or ""
             metrics["publish_seconds"] = time.perf_counter() - clock
         state["history"].append(metrics)
         if rank == 0:
@@ -287,10 +285,10 @@ def online_loop_per_worker(loop: dict) -> None:
         def export(folder: Path) -> None:
             from safetensors.torch import save_file
 
-            if averaging:
+            if decay:
                 save_file({n: t.contiguous() for n, t in average.items()}, str(folder / AVERAGE_FILE))
             if final:
-                export_pipeline(config, loop, shipped, folder / "pipeline")
+                export_pipeline(config, loop, average, folder / "pipeline")
 
         report_with_checkpoint(engine, state, metrics, export=export)
         fault_point(f"online:round{r}:checkpointed")
