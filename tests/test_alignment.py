@@ -15,6 +15,7 @@ from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.models.pipeline import PerFusionPipeline
 from perfusion_ray.models.policy import build_policy, featurizer, policy_pipeline
 from perfusion_ray.train.group_step import GroupTensors, group_step
+from tests.tiny_models import tiny_stable_diffusion
 
 MERCHANT = {"merchant_id": "m1", "merchant_features": {"region": "south"}, "merchant_stats": {"price_level": 1.0}}
 
@@ -101,6 +102,29 @@ def test_pipeline_refuses_bad_requests(base, policy):
         _sample(pipe, [MERCHANT, MERCHANT])
 
 
+def test_an_sdxl_base_takes_the_same_policy_objective_and_pipeline(tmp_path):
+    """SDXL's added conditioning reaches the base and the branch: the policy starts as the base, one
+    group-objective step trains the joins only, and the pipeline round-trips with both text encoders."""
+    sdxl = load_base(tiny_stable_diffusion(tmp_path / "sdxl", xl=True))
+    model = build_policy(sdxl.unet, PolicyConfig(), stat_names=("price_level",),
+                         merchants=MerchantBatch.from_records([MERCHANT]))
+    groups = _groups(sdxl, model, [[1.0, 0.0, 0.0]])
+    sample, t = groups.latents[:, 0], torch.tensor([400, 400])
+    with torch.no_grad():
+        assert torch.equal(model(sample, t, groups.context, merchant=groups.merchant),
+                           model(sample, t, groups.context, branch=False))
+    result = group_step(model, sdxl.scheduler, groups, 2500.0, "pl")
+    result.loss.backward()
+    assert result.denoiser_passes == 2 * 2 * 3 and all(p.grad is None for p in model.unet.parameters())
+    joins = model.adapter.controlnet.controlnet_down_blocks.parameters()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in joins)
+    pipe = policy_pipeline(sdxl, model)
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = PerFusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert again.text_encoder_2 is not None and again.tokenizer_2 is not None
+    assert np.array_equal(_sample(again, MERCHANT), _sample(pipe, MERCHANT))
+
+
 # ---------------------------------------------------------------- Ray Train + DeepSpeed
 @pytest.fixture
 def logged(tiny_config, tmp_path):
@@ -157,6 +181,17 @@ def test_zero3_in_bf16_gathers_the_exported_weights(logged, ray_cluster, tmp_pat
                 "align.fidelity.class_acc"):
         assert np.isfinite(metrics[key])
     assert (tmp_path / "eval" / "grid.png").is_file()
+
+
+@pytest.mark.ray
+def test_offline_alignment_trains_on_an_sdxl_directory(logged, ray_cluster, tmp_path):
+    from perfusion_ray.train.align_offline import train_alignment
+
+    logged.policy.base = str(tiny_stable_diffusion(tmp_path / "sdxl", xl=True))
+    logged.align.max_steps = 1
+    report = train_alignment(logged)
+    assert report.steps == 1 and _join_weights(report.pipeline_dir).abs().sum() > 0
+    assert PerFusionPipeline.from_pretrained(report.pipeline_dir).text_encoder_2 is not None
 
 
 def test_eval_compares_against_the_frozen_base_even_for_a_fine_tuned_unet(logged, base, tmp_path):

@@ -10,9 +10,11 @@ import torch
 
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.base import EMBEDDED_DIR, BaseDiffusion, load_base
+from perfusion_ray.models.pipeline import PerFusionPipeline
 from perfusion_ray.world.attributes import COLOURS
 from perfusion_ray.world.catalogue import prompt_text
 from perfusion_ray.world.oracle import colour_probabilities
+from tests.tiny_models import tiny_stable_diffusion
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "unet").is_dir(),
                                 reason="assets/embedded_base is missing: run `perfusion pretrain base`")
@@ -131,35 +133,10 @@ def test_embedded_round_trip_through_the_sd_layout(base, tmp_path):
                                            seed=1), expected)
 
 
-def _tiny_stable_diffusion(folder):
-    """A random Stable-Diffusion-shaped model (AutoencoderKL, PNDM scheduler config as SD 1.5 ships), saved
-    component by component the way a hub checkout is laid out."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from perfusion_ray.models.tokenizer import clip_tokenizer
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=4, norm_num_groups=8).save_pretrained(str(folder / "unet"))
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  norm_num_groups=8, sample_size=32).save_pretrained(str(folder / "vae"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=77)).save_pretrained(
-        str(folder / "text_encoder"))
-    clip_tokenizer().save_pretrained(str(folder / "tokenizer"))
-    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                  steps_offset=1, set_alpha_to_one=False).save_pretrained(str(folder / "scheduler"))
-
-
 def test_stable_diffusion_directory_loads_through_the_same_path(tmp_path):
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    _tiny_stable_diffusion(tmp_path)
-    sd = load_base(tmp_path)
+    sd = load_base(tiny_stable_diffusion(tmp_path))
     assert isinstance(sd.vae, AutoencoderKL) and isinstance(sd.scheduler, DDIMScheduler)
     assert sd.scheduler.config.clip_sample is False
     assert sd.tokenizer.model_max_length == 77 and sd.image_size == 32
@@ -167,6 +144,29 @@ def test_stable_diffusion_directory_loads_through_the_same_path(tmp_path):
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     latents = sd.encode_images(torch.zeros(1, 3, 32, 32))
     assert latents.shape == (1, 4, 16, 16)
+
+
+def test_sdxl_directory_samples_what_diffusers_sdxl_pipeline_samples(tmp_path):
+    """An SDXL layout loads through the same path; its prompt states carry the pooled embedding and size
+    ids, and our sampler draws what diffusers' StableDiffusionXLPipeline draws from the same noise."""
+    from transformers import CLIPTextModelWithProjection
+
+    sdxl = load_base(tiny_stable_diffusion(tmp_path, xl=True))
+    assert sdxl.is_sdxl and isinstance(sdxl.text_encoder_2, CLIPTextModelWithProjection)
+    states = sdxl.encode_prompts(["a red dress"])
+    assert states.shape == (1, 77 + 1, 64)  # both encoders' states side by side, plus the packed row
+    assert states[0, -1, 32:38].tolist() == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
+    prompts = ["a red dress", "a bag"]
+    noise = torch.randn((2, *sdxl.latent_shape), generator=torch.Generator().manual_seed(0))
+    ours = PerFusionPipeline.from_base(sdxl)(prompts, latents=noise.clone(), num_inference_steps=3,
+                                             output_type="np").images
+    reference = sdxl.pipeline()
+    reference.scheduler = sdxl.sampling_scheduler(3)
+    theirs = reference(prompts, negative_prompt=["", ""], latents=noise.clone(), num_inference_steps=3,
+                       guidance_scale=4.0, height=32, width=32, output_type="np").images
+    assert np.abs(ours.astype(np.float64) - theirs * 255.0).max() <= 0.5 + 1e-3  # equal up to uint8 rounding
+    saved = load_base(sdxl.save_pretrained(tmp_path / "again"))
+    assert saved.is_sdxl and torch.equal(saved.encode_prompts(["a bag"]), sdxl.encode_prompts(["a bag"]))
 
 
 def test_missing_components_name_what_is_missing(tmp_path):

@@ -23,6 +23,7 @@ from diffusers import ConfigMixin, ControlNetModel, ModelMixin
 from torch import nn
 
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.models.base import conditioned_call
 from perfusion_ray.models.merchant_encoder import MerchantBatch, MerchantEncoder
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -97,9 +98,9 @@ class PersonalizedAdapter(ModelMixin, ConfigMixin):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 merchant: dict[str, torch.Tensor], conditioning_scale: float = 1.0):
         """The residuals the branch adds to the base UNet: (down block residuals, mid block residual)."""
-        return self.controlnet(sample, timestep, encoder_hidden_states,
-                               controlnet_cond=self.condition_map(merchant, sample),
-                               conditioning_scale=conditioning_scale, return_dict=False)
+        return conditioned_call(self.controlnet, sample, timestep, encoder_hidden_states,
+                                controlnet_cond=self.condition_map(merchant, sample),
+                                conditioning_scale=conditioning_scale, return_dict=False)
 
     # ------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | Path, state_dict: dict | None = None, **_) -> None:
@@ -158,10 +159,10 @@ class PersonalizedUNet(nn.Module):
                 conditioning_scale: float = 1.0) -> torch.Tensor:
         """Noise (or v) prediction. branch=False, or no merchant, is the frozen base: the reference."""
         if not branch or merchant is None:
-            return self.unet(sample, timestep, encoder_hidden_states).sample
+            return conditioned_call(self.unet, sample, timestep, encoder_hidden_states).sample
         down, mid = self.adapter(sample, timestep, encoder_hidden_states, merchant, conditioning_scale)
-        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample
+        return conditioned_call(self.unet, sample, timestep, encoder_hidden_states,
+                                down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -3,7 +3,9 @@
 One loading path for every base model. `load_base(path)` reads the subfolders unet/, vae/,
 text_encoder/, tokenizer/ and scheduler/ with diffusers/transformers `from_pretrained`, whether the
 folder is a Stable Diffusion 1.x checkout on a GPU cluster or the embedded FashionWorld model shipped in
-assets/embedded_base/ (`load_base("embedded")`). The embedded model is a small latent diffusion model
+assets/embedded_base/ (`load_base("embedded")`). A folder that also has text_encoder_2/ (and
+tokenizer_2/) is read in Stable Diffusion XL's layout: see `encode_prompts` and `conditioned_call`.
+The embedded model is a small latent diffusion model
 pretrained by `perfusion pretrain base` (perfusion_ray/train/pretrain_base.py): a plain conv autoencoder
 (32x32x3 <-> 4x8x8, models/autoencoder.py), a UNet2DConditionModel (64, 128) with cross-attention at
 both levels and a 2-layer CLIPTextModel on the real CLIP BPE vocabulary, trained with v-prediction on a
@@ -32,6 +34,7 @@ from perfusion_ray.errors import PerfusionError
 
 EMBEDDED_DIR = REPO_ROOT / "assets" / "embedded_base"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_SIZE_IDS = 6  # SDXL's micro-conditioning: original size (h, w), crop top-left (y, x), target size (h, w)
 
 # The embedded model's architecture (perfusion pretrain base builds it from these).
 EMBEDDED_TEXT_ENCODER = dict(
@@ -66,6 +69,12 @@ class BaseDiffusion:
     tokenizer: Any  # transformers CLIPTokenizer
     scheduler: Any  # diffusers DDIMScheduler (clip_sample=False)
     source: str = "embedded"
+    text_encoder_2: Any = None  # SDXL layout: transformers CLIPTextModelWithProjection
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     # ------------------------------------------------------------ shapes
     @property
@@ -90,7 +99,8 @@ class BaseDiffusion:
         return self.unet.dtype
 
     def modules(self) -> dict[str, Any]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        return {**modules, "text_encoder_2": self.text_encoder_2} if self.is_sdxl else modules
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BaseDiffusion":
         # Only what was asked for: diffusers warns on every .to(dtype=...) of a ModelMixin.
@@ -106,14 +116,37 @@ class BaseDiffusion:
         return self
 
     # ------------------------------------------------------------ text and latents
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> the UNet's encoder_hidden_states [B, L, D] (last hidden state, as Stable Diffusion)."""
+        """Prompts -> the prompt states every denoiser call takes as its context, [B, L, D].
+
+        Stable Diffusion 1.x: the text encoder's last hidden state. SDXL: both encoders' penultimate
+        hidden states side by side, plus one more row that carries the pooled embedding of the second
+        encoder and the size ids [h, w, 0, 0, h, w] (what StableDiffusionXLPipeline computes). Packing them
+        as a row lets every path that repeats, batches or splits prompt states (guidance, groups) carry
+        them along unchanged; `conditioned_call` unpacks the row for the UNet.
+        """
         ids = self.tokenize(prompts).to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        if not self.is_sdxl:
+            return self.text_encoder(ids)[0]
+        first = self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = self.text_encoder_2(self.tokenize(prompts, self.tokenizer_2).to(self.text_encoder_2.device),
+                                     output_hidden_states=True)
+        states = torch.cat([first, second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds
+        size = self.image_size
+        size_ids = torch.tensor([size, size, 0, 0, size, size], dtype=states.dtype, device=states.device)
+        row = torch.zeros(states.shape[0], 1, states.shape[-1], dtype=states.dtype, device=states.device)
+        if pooled.shape[-1] + SDXL_SIZE_IDS > row.shape[-1]:
+            raise PerfusionError(f"SDXL pooled embedding ({pooled.shape[-1]}) + {SDXL_SIZE_IDS} size ids do not fit "
+                                 f"one row of the prompt states (width {row.shape[-1]})")
+        row[:, 0, :pooled.shape[-1]] = pooled.to(states.dtype)
+        row[:, 0, pooled.shape[-1]:pooled.shape[-1] + SDXL_SIZE_IDS] = size_ids
+        return torch.cat([states, row], dim=1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] [B, 3, H, W] -> scaled latents (what the UNet sees)."""
@@ -150,9 +183,14 @@ class BaseDiffusion:
                                                  allow_empty_prompt=True).images
 
     def pipeline(self):
-        """A diffusers StableDiffusionPipeline over the same components (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
+        """A diffusers StableDiffusionPipeline (StableDiffusionXLPipeline) over the same components."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=self.sampling_scheduler(1), force_zeros_for_empty_prompt=False)
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=self.sampling_scheduler(1), safety_checker=None, feature_extractor=None,
@@ -160,7 +198,8 @@ class BaseDiffusion:
 
     # ------------------------------------------------------------ saving
     def save_pretrained(self, folder: str | Path, fp16: bool = False, with_tokenizer: bool = True) -> Path:
-        """Write the Stable Diffusion layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/, model_index.json).
+        """Write the Stable Diffusion layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/, model_index.json;
+        SDXL adds text_encoder_2/ and tokenizer_2/).
 
         fp16 stores the UNet and text encoder in half precision (load_base upcasts to float32); the
         autoencoder stays float32 (it is small and decodes every image).
@@ -173,7 +212,7 @@ class BaseDiffusion:
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # .to(fp16) warns about modules it need not keep in fp32
         try:
-            for name in ("unet", "text_encoder"):
+            for name in ("unet", "text_encoder") + (("text_encoder_2",) if self.is_sdxl else ()):
                 module = getattr(self, name)
                 original = module.dtype
                 if half is not None:
@@ -187,6 +226,8 @@ class BaseDiffusion:
         self.vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
         if with_tokenizer:
             self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+            if self.is_sdxl:
+                self.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
         self.scheduler.save_pretrained(str(folder / "scheduler"))
         index = {"_class_name": "StableDiffusionPipeline", "_perfusion_source": self.source,
                  "unet": ["diffusers", "UNet2DConditionModel"],
@@ -194,6 +235,11 @@ class BaseDiffusion:
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                  "scheduler": ["diffusers", type(self.scheduler).__name__],
                  "safety_checker": [None, None], "feature_extractor": [None, None]}
+        if self.is_sdxl:  # StableDiffusionXLPipeline has no safety checker
+            del index["safety_checker"], index["feature_extractor"]
+            index = {**index, "_class_name": "StableDiffusionXLPipeline",
+                     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                     "tokenizer_2": ["transformers", "CLIPTokenizer"]}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return folder
 
@@ -244,6 +290,20 @@ def _vae_class(folder: Path):
     return getattr(diffusers, name)
 
 
+def conditioned_call(model, sample: torch.Tensor, timestep, context: torch.Tensor, **kwargs):
+    """Call a UNet2DConditionModel or ControlNetModel on prompt states from `encode_prompts`.
+
+    For an SDXL-shaped model (addition_embed_type "text_time") the last row of `context` is unpacked
+    into added_cond_kwargs (pooled text embedding, size ids); any other model gets `context` as is.
+    """
+    if getattr(model.config, "addition_embed_type", None) != "text_time":
+        return model(sample, timestep, context, **kwargs)
+    pooled = model.config.projection_class_embeddings_input_dim - SDXL_SIZE_IDS * model.config.addition_time_embed_dim
+    row = context[:, -1]
+    added = {"text_embeds": row[:, :pooled], "time_ids": row[:, pooled:pooled + SDXL_SIZE_IDS]}
+    return model(sample, timestep, context[:, :-1], added_cond_kwargs=added, **kwargs)
+
+
 def resolve_base_path(path: str | Path) -> Path:
     return EMBEDDED_DIR if str(path) == "embedded" else Path(path).expanduser()
 
@@ -254,10 +314,11 @@ def load_base(path: str | Path = "embedded", dtype: torch.dtype = torch.float32,
 
     Components are read with from_pretrained from the subfolders unet/, vae/, text_encoder/, tokenizer/
     (optional: the CLIP BPE tokenizer otherwise) and scheduler/ (any diffusers scheduler config; sampling
-    converts it to DDIM). Weights stored in fp16 are cast to `dtype`. Returned in eval mode, frozen.
+    converts it to DDIM); text_encoder_2/ and tokenizer_2/ make it an SDXL base. Weights stored in fp16
+    are cast to `dtype`. Returned in eval mode, frozen.
     """
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_base_path(path)
     missing = [name for name in ("unet", "vae", "text_encoder", "scheduler") if not (folder / name).is_dir()]
@@ -270,9 +331,20 @@ def load_base(path: str | Path = "embedded", dtype: torch.dtype = torch.float32,
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype)
     vae = _vae_class(folder / "vae").from_pretrained(str(folder / "vae"), torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer")) if (folder / "tokenizer").is_dir() else None
-    tokenizer = fit_tokenizer(tokenizer, text_encoder)
+    def tokenizer_in(name: str, encoder):
+        found = CLIPTokenizer.from_pretrained(str(folder / name)) if (folder / name).is_dir() else None
+        return fit_tokenizer(found, encoder)
+
+    tokenizer = tokenizer_in("tokenizer", text_encoder)
+    text_encoder_2 = tokenizer_2 = None
+    if (folder / "text_encoder_2").is_dir():
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"), dtype=dtype)
+        tokenizer_2 = tokenizer_in("tokenizer_2", text_encoder_2)
+        if tokenizer_2.model_max_length != tokenizer.model_max_length:
+            raise PerfusionError(f"{folder}: tokenizer/ pads to {tokenizer.model_max_length} tokens but tokenizer_2/ "
+                                 f"to {tokenizer_2.model_max_length}; SDXL's two prompt states must have one length")
     scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), clip_sample=False)
     base = BaseDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                         source="embedded" if folder.resolve() == EMBEDDED_DIR.resolve() else str(folder))
+                         source="embedded" if folder.resolve() == EMBEDDED_DIR.resolve() else str(folder),
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     return base.to(device=device).eval()  # from_pretrained already cast every weight to dtype

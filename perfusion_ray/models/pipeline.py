@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput
 # loads only from modules already imported: importing them here makes from_pretrained work in any process.
 from perfusion_ray.models import autoencoder as _autoencoder  # noqa: F401
 from perfusion_ray.models.adaptive import PersonalizedAdapter, PersonalizedUNet
-from perfusion_ray.models.base import BaseDiffusion, fit_tokenizer
+from perfusion_ray.models.base import BaseDiffusion, conditioned_call, fit_tokenizer
 from perfusion_ray.models.merchant_encoder import MerchantBatch
 
 MerchantInput = dict | list[dict] | MerchantBatch | None
@@ -40,22 +40,28 @@ class PerFusionPipelineOutput(BaseOutput):
 
 
 class PerFusionPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->adapter->unet->vae"
-    _optional_components = ["adapter"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->adapter->unet->vae"
+    _optional_components = ["adapter", "text_encoder_2", "tokenizer_2"]  # the last two: an SDXL base
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter: PersonalizedAdapter | None = None):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter: PersonalizedAdapter | None = None,
+                 text_encoder_2=None, tokenizer_2=None):
         super().__init__()
+        if text_encoder_2 is not None:
+            tokenizer_2 = fit_tokenizer(tokenizer_2, text_encoder_2)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=fit_tokenizer(tokenizer, text_encoder),
-                              unet=unet, scheduler=scheduler, adapter=adapter)
+                              unet=unet, scheduler=scheduler, adapter=adapter, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2)
 
     @classmethod
     def from_base(cls, base: BaseDiffusion, adapter: PersonalizedAdapter | None = None) -> "PerFusionPipeline":
-        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, adapter)
+        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, adapter,
+                   text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
 
     @property
     def base(self) -> BaseDiffusion:
         """The frozen base model's components (prompt and image encoding, the sampling schedule)."""
-        return BaseDiffusion(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler)
+        return BaseDiffusion(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler,
+                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
 
     # ------------------------------------------------------------ inputs
     @staticmethod
@@ -92,7 +98,7 @@ class PerFusionPipeline(DiffusionPipeline):
         personalize_unconditional=True conditions both halves (the shift d enters once, unscaled).
         """
         if merchants is None or self.adapter is None:
-            return lambda sample, t, context: self.unet(sample, t, context).sample
+            return lambda sample, t, context: conditioned_call(self.unet, sample, t, context).sample
         policy = PersonalizedUNet(self.unet, self.adapter)
         features = self.adapter.featurize(merchants)
         if not guided:
@@ -103,7 +109,7 @@ class PerFusionPipeline(DiffusionPipeline):
 
         def conditional_only(sample, t, context):
             (uncond_sample, cond_sample), (uncond_context, cond_context) = sample.chunk(2), context.chunk(2)
-            return torch.cat([self.unet(uncond_sample, t, uncond_context).sample,
+            return torch.cat([conditioned_call(self.unet, uncond_sample, t, uncond_context).sample,
                               policy(cond_sample, t, cond_context, merchant=features)])
 
         return conditional_only

@@ -17,6 +17,7 @@ from torch import nn
 
 from perfusion_ray.config import PolicyConfig
 from perfusion_ray.models.adaptive import LORA_TARGETS, PersonalizedUNet
+from perfusion_ray.models.base import conditioned_call
 from perfusion_ray.models.merchant_encoder import MerchantBatch
 
 
@@ -36,10 +37,10 @@ class PlainLoRAUNet(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 merchant: dict[str, torch.Tensor] | None = None, branch: bool = True) -> torch.Tensor:
         if branch:
-            return self.unet(sample, timestep, encoder_hidden_states).sample
+            return conditioned_call(self.unet, sample, timestep, encoder_hidden_states).sample
         self.unet.disable_adapters()
         try:
-            return self.unet(sample, timestep, encoder_hidden_states).sample
+            return conditioned_call(self.unet, sample, timestep, encoder_hidden_states).sample
         finally:
             self.unet.enable_adapters()
 
@@ -81,4 +82,5 @@ def policy_pipeline(base, policy: nn.Module):
     policy.eval()
     if isinstance(policy, PersonalizedUNet):
         return PerFusionPipeline.from_base(base, policy.adapter)
-    return PerFusionPipeline(base.vae, base.text_encoder, base.tokenizer, policy.fused_unet(), base.scheduler)
+    return PerFusionPipeline(base.vae, base.text_encoder, base.tokenizer, policy.fused_unet(), base.scheduler,
+                             text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
