@@ -205,7 +205,7 @@ def cmd_align_online(args: argparse.Namespace) -> int:
 
 
 def cmd_align_eval(args: argparse.Namespace) -> int:
-    from perfusion_ray.evaluation.alignment import evaluate_alignment
+    from perfusion_ray.evaluation.alignment import evaluate_alignment, win_rate_text
 
     config = _config(args)
     pipeline_dir = args.pipeline or Path(config.align.out) / "pipeline"
@@ -214,10 +214,10 @@ def cmd_align_eval(args: argparse.Namespace) -> int:
     rows = []
     for split, suffix in (("all", ""), ("seen", ".seen"), ("cold", ".cold")):
         rows.append((split, f"{metrics[f'align.utility.base{suffix}']:.3f}",
-                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", f"{metrics[f'align.win_rate{suffix}']:.1%}",
+                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", win_rate_text(metrics, suffix),
                      f"{metrics[f'align.personalization.base{suffix}']:+.3f}",
                      f"{metrics[f'align.personalization{suffix}']:+.3f}"))
-    print(_table(rows, ("held-out requests", "utility base", "utility aligned", "win rate",
+    print(_table(rows, ("held-out requests", "utility base", "utility aligned", "win rate (95% interval)",
                         "personalization base", "personalization aligned")))
     print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} base -> "
           f"{metrics['align.fidelity.class_acc']:.1%} aligned; colour accuracy "

@@ -69,10 +69,12 @@ def _rm_rows(table: dict) -> list[tuple[str, str, str, str, str]]:
 
 
 def _alignment_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
+    from perfusion_ray.evaluation.alignment import win_rate_text
+
     rows = []
     for split, suffix in (("seen merchants", ".seen"), ("cold-start merchants", ".cold")):
         rows.append((split, f"{metrics[f'align.utility.base{suffix}']:.3f}",
-                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", f"{metrics[f'align.win_rate{suffix}']:.1%}",
+                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", win_rate_text(metrics, suffix),
                      f"{metrics.get(f'align.personalization{suffix}', float('nan')):+.3f}"))
     return rows
 
@@ -96,7 +98,7 @@ def round_rows(rounds: list[dict]) -> list[tuple]:
 
 TABLES = {
     "rm": ("held-out groups", "GAUC seen", "GAUC cold", "MAP seen", "MAP cold"),
-    "align": ("held-out requests", "utility base", "utility aligned", "win rate", "personalization"),
+    "align": ("held-out requests", "utility base", "utility aligned", "win rate (95% interval)", "personalization"),
     "fidelity": ("fidelity", "base", "aligned"),
     "rounds": ("round", "RM reward", "oracle utility", "loss", "fresh partitions", "generate s", "score s",
                "optimize s", "RM refresh s", "RM version"),

@@ -180,6 +180,8 @@ def test_zero3_in_bf16_gathers_the_exported_weights(logged, ray_cluster, tmp_pat
     for key in ("align.utility.base", "align.utility.aligned", "align.win_rate", "align.personalization",
                 "align.fidelity.class_acc"):
         assert np.isfinite(metrics[key])
+    assert metrics["align.win_rate_low"] <= metrics["align.win_rate"] <= metrics["align.win_rate_high"]
+    assert metrics["align.requests"] == metrics["align.requests.seen"] + metrics["align.requests.cold"]
     assert (tmp_path / "eval" / "grid.png").is_file()
 
 

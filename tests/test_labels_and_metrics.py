@@ -1,4 +1,4 @@
-"""The label policy grades candidates as documented; GAUC agrees with its brute-force definition."""
+"""The label policy grades candidates as documented; GAUC and the Wilson interval agree with their definitions."""
 
 from __future__ import annotations
 
@@ -64,3 +64,33 @@ def test_gauc_edge_cases():
         gauc([np.nan, 1.0], [0, 1], [0, 0])
     with pytest.raises(ValueError, match="one length"):
         gauc([0.1, 0.2], [0, 1, 1], [0, 0])
+
+
+@pytest.mark.parametrize("rate, count", [(0.5, 24), (0.583, 24), (0.646, 96), (0.0, 10), (1.0, 10), (0.25, 3)])
+def test_wilson_interval_solves_its_defining_equation(rate, count):
+    """The ends are the proportions pi with (rate - pi)^2 = z^2 pi (1 - pi) / count, found here by bisection."""
+    from perfusion_ray.metrics import wilson_interval
+
+    z = 1.96
+
+    def gap(pi):
+        return (rate - pi) ** 2 - z * z * pi * (1 - pi) / count
+
+    def root(lo, hi):  # gap changes sign once on [lo, hi]
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if (gap(lo) > 0) == (gap(mid) > 0) else (lo, mid)
+        return (lo + hi) / 2
+
+    low, high = wilson_interval(rate, count, z)
+    expected_low = 0.0 if rate == 0 else root(0.0, rate)
+    expected_high = 1.0 if rate == 1 else root(rate, 1.0)
+    assert low == pytest.approx(expected_low, abs=1e-9) and high == pytest.approx(expected_high, abs=1e-9)
+    assert low <= rate <= high
+
+
+def test_wilson_interval_known_value_and_no_requests():
+    from perfusion_ray.metrics import wilson_interval
+
+    assert wilson_interval(0.5, 24) == pytest.approx((0.3143, 0.6857), abs=1e-4)  # 12 of 24
+    assert all(np.isnan(wilson_interval(0.5, 0)))

@@ -5,7 +5,8 @@ colour, shade or pattern open: there the merchant's taste can show), K images ea
 and from the aligned pipeline, from the same starting noise. Metrics (keys of metrics.json):
 - align.utility.base / .aligned: mean oracle utility of the images under the requesting merchant's taste;
 - align.win_rate: share of requests whose aligned group has a higher mean utility than the base group on
-  the same noise (ties count half);
+  the same noise (ties count half); align.win_rate_low / _high: its 95% Wilson interval over
+  align.requests requests (two requests per merchant place a cold-start rate within about +-20 points);
 - align.personalization(.base): utility under the merchant's own taste minus the mean utility under the
   other merchants' tastes, for the aligned (base) images;
 - align.fidelity.class_acc(.base): the project's Fashion-MNIST judge names the requested class;
@@ -24,6 +25,7 @@ import torch
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.data.group_examples import read_groups
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.metrics import wilson_interval
 from perfusion_ray.world.catalogue import parse_prompt
 
 
@@ -83,6 +85,15 @@ def win_rate(aligned: np.ndarray, base: np.ndarray) -> float:
     return float(((a > b) + 0.5 * (a == b)).mean()) if len(a) else float("nan")
 
 
+def win_rate_text(metrics: dict, suffix: str = "") -> str:
+    """'70.8% (58%-81%, n=72)': a win rate with its 95% interval, for tables (the rate alone if absent)."""
+    rate = f"{metrics[f'align.win_rate{suffix}']:.1%}"
+    if f"align.win_rate_low{suffix}" not in metrics:
+        return rate
+    return (f"{rate} ({metrics[f'align.win_rate_low{suffix}']:.0%}-{metrics[f'align.win_rate_high{suffix}']:.0%}, "
+            f"n={metrics[f'align.requests{suffix}']})")
+
+
 def personalization_index(tastes: np.ndarray, own_rows: np.ndarray, profiles: np.ndarray) -> float:
     """Mean over images of utility under the requesting merchant's taste minus the mean under the others'."""
     from perfusion_ray.world.oracle import utility
@@ -133,6 +144,12 @@ def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier, base
     grouped = {name: u.reshape(-1, k) for name, u in utilities.items()}
     metrics.update(_split_metrics("align", {"win_rate": None}, request_masks,
                                   lambda _, m: win_rate(grouped["aligned"][m], grouped["base"][m])))
+    for split, mask in request_masks.items():  # the 95% range a win rate on this many requests allows
+        suffix = "" if split == "all" else f".{split}"
+        if mask.any():
+            low, high = wilson_interval(metrics[f"align.win_rate{suffix}"], int(mask.sum()))
+            metrics.update({f"align.win_rate_low{suffix}": low, f"align.win_rate_high{suffix}": high,
+                            f"align.requests{suffix}": int(mask.sum())})
     for split, mask in image_masks.items():
         suffix = "" if split == "all" else f".{split}"
         if mask.any():
@@ -149,8 +166,6 @@ def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier, base
             dominant = colour_probabilities(images[named_colour]).argmax(1)
             metrics[f"align.fidelity.colour_acc{suffix}"] = float((dominant == colours[named_colour]).mean())
     metrics["align.fidelity.class_acc.drop"] = metrics["align.fidelity.class_acc.base"] - metrics["align.fidelity.class_acc"]
-    metrics["align.requests"] = float(len(requests.prompts))
-    metrics["align.requests.cold"] = float(requests.cold.sum())
     return AlignEvaluation(metrics, requests, base_images, aligned_images, utilities)
 
 
