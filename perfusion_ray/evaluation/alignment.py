@@ -104,10 +104,15 @@ def personalization_index(tastes: np.ndarray, own_rows: np.ndarray, profiles: np
     return float((own - others).mean()) if len(own) else float("nan")
 
 
+def _suffix(split: str) -> str:
+    """The metrics.json key suffix of a split: '' for all requests, '.seen' / '.cold' otherwise."""
+    return "" if split == "all" else f".{split}"
+
+
 def _split_metrics(prefix: str, values: dict[str, float | np.ndarray], masks: dict[str, np.ndarray], reduce) -> dict:
     out = {}
     for split, mask in masks.items():
-        suffix = "" if split == "all" else f".{split}"
+        suffix = _suffix(split)
         for name, value in values.items():
             if mask.any():
                 out[f"{prefix}.{name}{suffix}"] = reduce(value, mask)
@@ -142,16 +147,15 @@ def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier, base
     utilities = {name: utility(tastes, p)[own_rows, np.arange(count)] for name, p in profiles.items()}
     metrics = _split_metrics("align.utility", utilities, image_masks, lambda v, m: float(v[m].mean()))
     grouped = {name: u.reshape(-1, k) for name, u in utilities.items()}
-    metrics.update(_split_metrics("align", {"win_rate": None}, request_masks,
-                                  lambda _, m: win_rate(grouped["aligned"][m], grouped["base"][m])))
-    for split, mask in request_masks.items():  # the 95% range a win rate on this many requests allows
-        suffix = "" if split == "all" else f".{split}"
-        if mask.any():
-            low, high = wilson_interval(metrics[f"align.win_rate{suffix}"], int(mask.sum()))
-            metrics.update({f"align.win_rate_low{suffix}": low, f"align.win_rate_high{suffix}": high,
-                            f"align.requests{suffix}": int(mask.sum())})
+    for split, mask in request_masks.items():
+        if mask.any():  # the rate, and the 95% range a rate on this many requests allows
+            suffix, count = _suffix(split), int(mask.sum())
+            rate = win_rate(grouped["aligned"][mask], grouped["base"][mask])
+            low, high = wilson_interval(rate, count)
+            metrics.update({f"align.win_rate{suffix}": rate, f"align.win_rate_low{suffix}": low,
+                            f"align.win_rate_high{suffix}": high, f"align.requests{suffix}": count})
     for split, mask in image_masks.items():
-        suffix = "" if split == "all" else f".{split}"
+        suffix = _suffix(split)
         if mask.any():
             metrics[f"align.personalization{suffix}"] = personalization_index(tastes, own_rows[mask],
                                                                               profiles["aligned"][mask])

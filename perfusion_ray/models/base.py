@@ -117,7 +117,7 @@ class BaseDiffusion:
 
     # ------------------------------------------------------------ text and latents
     def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
-        tokenizer = tokenizer or self.tokenizer
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
 
@@ -331,6 +331,7 @@ def load_base(path: str | Path = "embedded", dtype: torch.dtype = torch.float32,
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype)
     vae = _vae_class(folder / "vae").from_pretrained(str(folder / "vae"), torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+
     def tokenizer_in(name: str, encoder):
         found = CLIPTokenizer.from_pretrained(str(folder / name)) if (folder / name).is_dir() else None
         return fit_tokenizer(found, encoder)
