@@ -169,6 +169,19 @@ def test_sdxl_directory_samples_what_diffusers_sdxl_pipeline_samples(tmp_path):
     assert saved.is_sdxl and torch.equal(saved.encode_prompts(["a bag"]), sdxl.encode_prompts(["a bag"]))
 
 
+def test_sdxl_tokenizers_of_different_lengths_are_refused_by_name(tmp_path):
+    import copy
+
+    from perfusion_ray.models.tokenizer import clip_tokenizer
+
+    folder = tiny_stable_diffusion(tmp_path, xl=True)
+    short = copy.deepcopy(clip_tokenizer())  # the cached instance is shared: never edit it
+    short.model_max_length = 32
+    short.save_pretrained(str(folder / "tokenizer_2"))
+    with pytest.raises(PerfusionError, match="tokenizer/ pads to 77 tokens but tokenizer_2/ to 32"):
+        load_base(folder)
+
+
 def test_missing_components_name_what_is_missing(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(PerfusionError, match="vae/, text_encoder/, scheduler/"):
