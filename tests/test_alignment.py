@@ -122,6 +122,7 @@ def test_an_sdxl_base_takes_the_same_policy_objective_and_pipeline(tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     again = PerFusionPipeline.from_pretrained(tmp_path / "pipe")
     assert again.text_encoder_2 is not None and again.tokenizer_2 is not None
+    assert again.config.force_zeros_for_empty_prompt is True and again.base.force_zeros_for_empty_prompt
     assert np.array_equal(_sample(again, MERCHANT), _sample(pipe, MERCHANT))
 
 

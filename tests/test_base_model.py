@@ -148,25 +148,33 @@ def test_stable_diffusion_directory_loads_through_the_same_path(tmp_path):
 
 def test_sdxl_directory_samples_what_diffusers_sdxl_pipeline_samples(tmp_path):
     """An SDXL layout loads through the same path; its prompt states carry the pooled embedding and size
-    ids, and our sampler draws what diffusers' StableDiffusionXLPipeline draws from the same noise."""
+    ids, and our sampler draws what diffusers' StableDiffusionXLPipeline draws from the same noise, with
+    guidance's unconditional half zeroed (SDXL's default) or the encoded empty prompt."""
     from transformers import CLIPTextModelWithProjection
 
     sdxl = load_base(tiny_stable_diffusion(tmp_path, xl=True))
     assert sdxl.is_sdxl and isinstance(sdxl.text_encoder_2, CLIPTextModelWithProjection)
+    assert sdxl.force_zeros_for_empty_prompt  # the directory does not say: StableDiffusionXLPipeline's default
     states = sdxl.encode_prompts(["a red dress"])
     assert states.shape == (1, 77 + 1, 64)  # both encoders' states side by side, plus the packed row
     assert states[0, -1, 32:38].tolist() == [32.0, 32.0, 0.0, 0.0, 32.0, 32.0]
     prompts = ["a red dress", "a bag"]
     noise = torch.randn((2, *sdxl.latent_shape), generator=torch.Generator().manual_seed(0))
-    ours = PerFusionPipeline.from_base(sdxl)(prompts, latents=noise.clone(), num_inference_steps=3,
-                                             output_type="np").images
-    reference = sdxl.pipeline()
-    reference.scheduler = sdxl.sampling_scheduler(3)
-    theirs = reference(prompts, negative_prompt=["", ""], latents=noise.clone(), num_inference_steps=3,
-                       guidance_scale=4.0, height=32, width=32, output_type="np").images
-    assert np.abs(ours.astype(np.float64) - theirs * 255.0).max() <= 0.5 + 1e-3  # equal up to uint8 rounding
+    drawn = {}
+    for force_zeros in (True, False):
+        sdxl.force_zeros_for_empty_prompt = force_zeros
+        ours = PerFusionPipeline.from_base(sdxl)(prompts, latents=noise.clone(), num_inference_steps=3,
+                                                 output_type="np").images
+        reference = sdxl.pipeline()
+        reference.scheduler = sdxl.sampling_scheduler(3)
+        theirs = reference(prompts, latents=noise.clone(), num_inference_steps=3, guidance_scale=4.0,
+                           height=32, width=32, output_type="np").images
+        assert np.abs(ours.astype(np.float64) - theirs * 255.0).max() <= 0.5 + 1e-3  # equal up to uint8 rounding
+        drawn[force_zeros] = ours
+    assert not np.array_equal(drawn[True], drawn[False])
     saved = load_base(sdxl.save_pretrained(tmp_path / "again"))
     assert saved.is_sdxl and torch.equal(saved.encode_prompts(["a bag"]), sdxl.encode_prompts(["a bag"]))
+    assert saved.force_zeros_for_empty_prompt is False  # model_index.json carries the flag
 
 
 def test_sdxl_tokenizers_of_different_lengths_are_refused_by_name(tmp_path):

@@ -71,6 +71,9 @@ class BaseDiffusion:
     source: str = "embedded"
     text_encoder_2: Any = None  # SDXL layout: transformers CLIPTextModelWithProjection
     tokenizer_2: Any = None
+    # SDXL: guidance's unconditional half is zeros, not the encoded empty prompt (model_index.json's flag,
+    # True unless it says otherwise, as in StableDiffusionXLPipeline). SD 1.x always encodes "".
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def is_sdxl(self) -> bool:
@@ -148,6 +151,18 @@ class BaseDiffusion:
         row[:, 0, pooled.shape[-1]:pooled.shape[-1] + SDXL_SIZE_IDS] = size_ids
         return torch.cat([states, row], dim=1)
 
+    def encode_unconditional(self, count: int) -> torch.Tensor:
+        """Prompt states of guidance's unconditional half: the encoded empty prompt, or for an SDXL base with
+        force_zeros_for_empty_prompt zeros everywhere but the size ids (StableDiffusionXLPipeline zeroes
+        the negative prompt and pooled embeddings and keeps the size ids)."""
+        states = self.encode_prompts([""] * count)
+        if not (self.is_sdxl and self.force_zeros_for_empty_prompt):
+            return states
+        zeros = torch.zeros_like(states)
+        pooled = self.text_encoder_2.config.projection_dim
+        zeros[:, -1, pooled:pooled + SDXL_SIZE_IDS] = states[:, -1, pooled:pooled + SDXL_SIZE_IDS]
+        return zeros
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] [B, 3, H, W] -> scaled latents (what the UNet sees)."""
         latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode()
@@ -190,7 +205,7 @@ class BaseDiffusion:
             return StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
                 tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
-                scheduler=self.sampling_scheduler(1), force_zeros_for_empty_prompt=False)
+                scheduler=self.sampling_scheduler(1), force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt)
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=self.sampling_scheduler(1), safety_checker=None, feature_extractor=None,
@@ -239,7 +254,8 @@ class BaseDiffusion:
             del index["safety_checker"], index["feature_extractor"]
             index = {**index, "_class_name": "StableDiffusionXLPipeline",
                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                     "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+                     "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                     "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return folder
 
@@ -288,6 +304,16 @@ def _vae_class(folder: Path):
     if not hasattr(diffusers, name):
         raise PerfusionError(f"{folder}: unknown VAE class {name!r}", hint="expected AutoencoderKL or TinyAutoencoder")
     return getattr(diffusers, name)
+
+
+def _force_zeros(folder: Path) -> bool:
+    """An SDXL directory's force_zeros_for_empty_prompt; absent (or no model_index.json) means True,
+    StableDiffusionXLPipeline's default."""
+    index = folder / "model_index.json"
+    try:
+        return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)) if index.is_file() else True
+    except ValueError as exc:
+        raise PerfusionError(f"{index} is not valid JSON ({exc})") from exc
 
 
 def conditioned_call(model, sample: torch.Tensor, timestep, context: torch.Tensor, **kwargs):
@@ -347,5 +373,6 @@ def load_base(path: str | Path = "embedded", dtype: torch.dtype = torch.float32,
     scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"), clip_sample=False)
     base = BaseDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                          source="embedded" if folder.resolve() == EMBEDDED_DIR.resolve() else str(folder),
-                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                         force_zeros_for_empty_prompt=text_encoder_2 is not None and _force_zeros(folder))
     return base.to(device=device).eval()  # from_pretrained already cast every weight to dtype

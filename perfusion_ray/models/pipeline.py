@@ -44,8 +44,9 @@ class PerFusionPipeline(DiffusionPipeline):
     _optional_components = ["adapter", "text_encoder_2", "tokenizer_2"]  # the last two: an SDXL base
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter: PersonalizedAdapter | None = None,
-                 text_encoder_2=None, tokenizer_2=None):
+                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = False):
         super().__init__()
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)  # saved in model_index.json
         if text_encoder_2 is not None:
             tokenizer_2 = fit_tokenizer(tokenizer_2, text_encoder_2)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=fit_tokenizer(tokenizer, text_encoder),
@@ -55,13 +56,15 @@ class PerFusionPipeline(DiffusionPipeline):
     @classmethod
     def from_base(cls, base: BaseDiffusion, adapter: PersonalizedAdapter | None = None) -> "PerFusionPipeline":
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, adapter,
-                   text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+                   text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                   force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
 
     @property
     def base(self) -> BaseDiffusion:
         """The frozen base model's components (prompt and image encoding, the sampling schedule)."""
         return BaseDiffusion(self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler,
-                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2)
+                             text_encoder_2=self.text_encoder_2, tokenizer_2=self.tokenizer_2,
+                             force_zeros_for_empty_prompt=self.config.force_zeros_for_empty_prompt)
 
     # ------------------------------------------------------------ inputs
     @staticmethod
@@ -126,7 +129,7 @@ class PerFusionPipeline(DiffusionPipeline):
         latents = latents.to(base.device, torch.float32) * scheduler.init_noise_sigma
         guided = guidance_scale > 1.0
         cond = base.encode_prompts(prompts)
-        context = torch.cat([base.encode_prompts([""] * n), cond]) if guided else cond
+        context = torch.cat([base.encode_unconditional(n), cond]) if guided else cond
         denoise = self.denoiser(merchants, guided, personalize_unconditional)
         for t in scheduler.timesteps:
             model_in = torch.cat([latents] * 2) if guided else latents

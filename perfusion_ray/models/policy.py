@@ -11,6 +11,7 @@ frozen base (the reference), with no second copy in memory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -82,5 +83,4 @@ def policy_pipeline(base, policy: nn.Module):
     policy.eval()
     if isinstance(policy, PersonalizedUNet):
         return PerFusionPipeline.from_base(base, policy.adapter)
-    return PerFusionPipeline(base.vae, base.text_encoder, base.tokenizer, policy.fused_unet(), base.scheduler,
-                             text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2)
+    return PerFusionPipeline.from_base(dataclasses.replace(base, unet=policy.fused_unet()))
