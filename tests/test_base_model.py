@@ -190,6 +190,13 @@ def test_sdxl_tokenizers_of_different_lengths_are_refused_by_name(tmp_path):
         load_base(folder)
 
 
+def test_an_sdxl_directory_with_a_broken_model_index_is_refused_by_name(tmp_path):
+    folder = tiny_stable_diffusion(tmp_path, xl=True)
+    (folder / "model_index.json").write_text("{not json")
+    with pytest.raises(PerfusionError, match="model_index.json is not valid JSON"):
+        load_base(folder)
+
+
 def test_missing_components_name_what_is_missing(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(PerfusionError, match="vae/, text_encoder/, scheduler/"):
