@@ -146,7 +146,8 @@ class RMConfig(DistributedTraining):
     weight_decay: float = Field(0.5, ge=0)
     batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
     epochs: int = Field(8, ge=1)
-    patience: int = Field(2, ge=1, description="early stopping: epochs without a better validation GAUC")
+    patience: int = Field(4, ge=1, description="early stopping: epochs without a better validation GAUC "
+                          "(the cosine schedule's best epochs come late; a shorter patience stops on early noise)")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training groups held for early stopping")
     cache_shard_mb: int = Field(1024, ge=0, description="a worker keeps its training shard in memory after the first "
                                                         "epoch when it fits (MiB); 0: stream from Ray Data every epoch")

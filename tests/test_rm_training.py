@@ -8,7 +8,7 @@ import pytest
 from perfusion_ray.data.ingest import ingest
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.reward_model import load_reward_model
-from perfusion_ray.train.reward_model import train_reward_model
+from perfusion_ray.train.reward_model import early_stopping_update, train_reward_model
 from perfusion_ray.world.simulator import simulate
 
 pytestmark = pytest.mark.ray
@@ -65,3 +65,25 @@ def test_eval_writes_every_required_metric(ingested, ray_cluster, tmp_path):
                 "rm.gauc.random", "rm.auc.seen", "rm.logloss.seen"):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     assert metrics["rm.gauc.oracle"] > metrics["rm.gauc.random"]
+
+
+def test_early_stopping_counts_epochs_without_a_better_validation_gauc():
+    """A validation curve shaped like the default's: an early bump, then the late best of the cosine
+    schedule. Patience 2 stops on the bump; patience 4 (the default) reaches the late best and exports it."""
+    curve = [0.749, 0.785, 0.769, 0.781, 0.783, 0.786, 0.788, 0.787]
+
+    def run(patience: int) -> tuple[int, float, int]:
+        best, stale, epochs, exported = -1.0, 0, 0, 0
+        for validation in curve:
+            if stale >= patience:
+                break
+            improved, best, stale = early_stopping_update(best, stale, validation)
+            epochs += 1
+            exported = epochs if improved else exported
+        return epochs, best, exported
+
+    assert run(2) == (4, 0.785, 2)
+    assert run(4) == (8, 0.788, 7)
+    # No validation group with both labels: every epoch counts as improved and the best so far is kept.
+    assert early_stopping_update(0.7, 3, float("nan")) == (True, 0.7, 0)
+

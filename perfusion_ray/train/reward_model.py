@@ -141,12 +141,8 @@ def train_loop_per_worker(loop: dict) -> None:
         replay = cache is not None
         groups_trained = int(all_reduce_sum([float(groups_trained)])[0])
         validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
-        # No validation group with both labels (a tiny store) gives NaN: then every epoch is kept and exported,
-        # the latest wins, and early stopping has nothing to go on.
-        improved = validation > state["best_gauc"] if math.isfinite(validation) else True
-        state = {"epoch": state["epoch"] + 1,
-                 "best_gauc": max(validation, state["best_gauc"]) if math.isfinite(validation) else state["best_gauc"],
-                 "stale": 0 if improved else state["stale"] + 1,
+        improved, best_gauc, stale = early_stopping_update(state["best_gauc"], state["stale"], validation)
+        state = {"epoch": state["epoch"] + 1, "best_gauc": best_gauc, "stale": stale,
                  "train_seconds": state["train_seconds"] + train_seconds,
                  "groups_trained": state["groups_trained"] + groups_trained}
         full_state = strategy.full_state_dict(engine) if improved else None  # collective under ZeRO-3
@@ -158,6 +154,17 @@ def train_loop_per_worker(loop: dict) -> None:
              "groups_trained": state["groups_trained"], "epoch_data_wait_seconds": waited,
              "epoch_train_seconds": train_seconds, "epoch_cpu_seconds": time.process_time() - cpu_started},
             export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None)
+
+
+def early_stopping_update(best_gauc: float, stale: int, validation: float) -> tuple[bool, float, int]:
+    """(improved, best validation GAUC, epochs without improvement) after an epoch; training stops when the
+    last reaches rm.patience. NaN (no validation group with both labels, a tiny store) counts as improved:
+    every epoch is kept and exported, the latest wins, and early stopping has nothing to go on."""
+    if not math.isfinite(validation):
+        return True, best_gauc, 0
+    if validation > best_gauc:
+        return True, validation, 0
+    return False, best_gauc, stale + 1
 
 
 def _finite_or_lowest(value) -> float:
