@@ -140,28 +140,32 @@ class BaseDiffusion:
         second = self.text_encoder_2(self.tokenize(prompts, self.tokenizer_2).to(self.text_encoder_2.device),
                                      output_hidden_states=True)
         states = torch.cat([first, second.hidden_states[-2]], dim=-1)
-        pooled = second.text_embeds
-        size = self.image_size
-        size_ids = torch.tensor([size, size, 0, 0, size, size], dtype=states.dtype, device=states.device)
-        row = torch.zeros(states.shape[0], 1, states.shape[-1], dtype=states.dtype, device=states.device)
-        if pooled.shape[-1] + SDXL_SIZE_IDS > row.shape[-1]:
+        return torch.cat([states, self._added_conditioning_row(second.text_embeds.to(states.dtype), states.shape[-1])],
+                         dim=1)
+
+    def _added_conditioning_row(self, pooled: torch.Tensor, width: int) -> torch.Tensor:
+        """SDXL's packed row [B, 1, width]: the pooled embedding, then the size ids, zero-padded."""
+        if pooled.shape[-1] + SDXL_SIZE_IDS > width:
             raise PerfusionError(f"SDXL pooled embedding ({pooled.shape[-1]}) + {SDXL_SIZE_IDS} size ids do not fit "
-                                 f"one row of the prompt states (width {row.shape[-1]})")
-        row[:, 0, :pooled.shape[-1]] = pooled.to(states.dtype)
-        row[:, 0, pooled.shape[-1]:pooled.shape[-1] + SDXL_SIZE_IDS] = size_ids
-        return torch.cat([states, row], dim=1)
+                                 f"one row of the prompt states (width {width})")
+        size = self.image_size
+        row = torch.zeros(pooled.shape[0], 1, width, dtype=pooled.dtype, device=pooled.device)
+        row[:, 0, :pooled.shape[-1]] = pooled
+        row[:, 0, pooled.shape[-1]:pooled.shape[-1] + SDXL_SIZE_IDS] = torch.tensor(
+            [size, size, 0, 0, size, size], dtype=pooled.dtype, device=pooled.device)
+        return row
 
     def encode_unconditional(self, count: int) -> torch.Tensor:
         """Prompt states of guidance's unconditional half: the encoded empty prompt, or for an SDXL base with
-        force_zeros_for_empty_prompt zeros everywhere but the size ids (StableDiffusionXLPipeline zeroes
-        the negative prompt and pooled embeddings and keeps the size ids)."""
-        states = self.encode_prompts([""] * count)
+        force_zeros_for_empty_prompt zeros everywhere but the size ids, built without running the encoders
+        (StableDiffusionXLPipeline zeroes the negative prompt and pooled embeddings and keeps the size ids)."""
         if not (self.is_sdxl and self.force_zeros_for_empty_prompt):
-            return states
-        zeros = torch.zeros_like(states)
-        pooled = self.text_encoder_2.config.projection_dim
-        zeros[:, -1, pooled:pooled + SDXL_SIZE_IDS] = states[:, -1, pooled:pooled + SDXL_SIZE_IDS]
-        return zeros
+            return self.encode_prompts([""] * count)
+        width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        like = dict(dtype=self.text_encoder.dtype, device=self.text_encoder.device)
+        states = torch.zeros(count, self.tokenizer.model_max_length, width, **like)
+        pooled = torch.zeros(count, self.text_encoder_2.config.projection_dim, **like)
+        return torch.cat([states, self._added_conditioning_row(pooled, width)], dim=1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] [B, 3, H, W] -> scaled latents (what the UNet sees)."""
