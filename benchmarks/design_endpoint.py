@@ -52,7 +52,7 @@ class Requests:
 def build_requests(config: PerfusionConfig, count: int, seed: int = 0) -> Requests:
     from perfusion_ray.serve.design_app import page_merchants
     from perfusion_ray.serve.design_client import design_body
-    from perfusion_ray.serve.schemas import Merchant
+    from perfusion_ray.records import Merchant
     from perfusion_ray.world.attributes import COLOURS
     from perfusion_ray.world.catalogue import prompt_text
     from perfusion_ray.world.fashion_mnist import CLASS_NAMES

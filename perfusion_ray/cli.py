@@ -31,12 +31,11 @@ def _splits(value: str) -> list[str]:
 
 # ---------------------------------------------------------------- world
 def cmd_world_simulate(args: argparse.Namespace) -> int:
-    from perfusion_ray.world.simulator import build_world, simulate
+    from perfusion_ray.environment import simulate
 
     config = _config(args)
-    world = build_world(config)
     for split in _splits(args.split):
-        report = simulate(config, split, world)
+        report = simulate(config, split)
         print(f"simulated {split}: {report.requests} requests, {report.events} events in "
               f"{len(report.partitions)} hourly partitions under {config.data.root}/{split}/feedback "
               f"({report.seconds:.1f}s); oracle GAUC ceiling {report.oracle_gauc:.3f}")
@@ -104,17 +103,11 @@ def cmd_data_adapt(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- pretraining of embedded models
-def cmd_pretrain_clip(args: argparse.Namespace) -> int:
-    from perfusion_ray.train.pretrain_clip import run
-
-    return run(args)
-
-
-def cmd_pretrain_base(args: argparse.Namespace) -> int:
-    from perfusion_ray.train.pretrain_base import run
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from perfusion_ray.environment import pretraining_command
 
     args.argv = sys.argv[3:]  # recorded with the weights as the reproducing command
-    return run(args)
+    return pretraining_command(args.action)(args)
 
 
 # ---------------------------------------------------------------- reward model
@@ -295,13 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--omit", type=float, default=0.3, help="chance a caption leaves an attribute out")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on 2 busy cores)")
-    p.set_defaults(handler=cmd_pretrain_clip)
+    p.set_defaults(handler=cmd_pretrain)
 
     p = pretrain.add_parser("base", parents=[common], help="the embedded base diffusion model (hours on 2 cores)")
-    from perfusion_ray.train.pretrain_base import build_parser as base_arguments  # imports no torch
+    from perfusion_ray.environment import pretrain_base_arguments  # imports no torch
 
-    base_arguments(p)
-    p.set_defaults(handler=cmd_pretrain_base)
+    pretrain_base_arguments(p)
+    p.set_defaults(handler=cmd_pretrain)
 
     rm = commands.add_parser("rm", help="the reward model").add_subparsers(dest="action", required=True)
     p = rm.add_parser("train", parents=[common], help="PerFusionRM on Ray Train + DeepSpeed")

@@ -235,6 +235,13 @@ class OnlineConfig(Section):
     live_hours: int = Field(0, ge=0, description="demo: the last N hours of world.hours are held back and "
                                                  "written into the store while the rounds run")
     live_interval_s: float = Field(20.0, gt=0, description="demo: seconds between two live feedback hours")
+    request_source: Literal["auto", "world", "logged"] = Field(
+        "auto", description="where on-policy requests come from: logged (the train split's recent logged requests, "
+                            "in proportion to their traffic), world (the world's own request sampler), auto (world "
+                            "when the config has one, else logged)")
+    request_window_hours: float = Field(24.0, gt=0, description="logged requests within this many hours of the "
+                                                                "newest one are the pool on-policy requests are "
+                                                                "drawn from")
     seed: int = Field(0, description="request sampling and the workers' noise")
     tensorboard: bool = Field(True, description="per-round metrics as TensorBoard event files in <out>/tensorboard")
     out: str = Field("out/online", description="run folder: Ray Train checkpoints, RM versions, the exported "
@@ -355,7 +362,8 @@ class ClusterConfig(Section):
 
 
 class PerfusionConfig(Section):
-    world: WorldConfig = WorldConfig()
+    world: WorldConfig | None = Field(None, description="FashionWorld, the embedded simulator; absent: the store "
+                                                        "alone (every command but `world simulate` runs)")
     data: DataConfig = DataConfig()
     rm: RMConfig = RMConfig()
     policy: PolicyConfig = PolicyConfig()
@@ -375,7 +383,7 @@ class PerfusionConfig(Section):
         if online.split == "top_m" and online.top_m >= self.data.group_size:
             raise ValueError(f"online.top_m ({online.top_m}) must be below data.group_size ({self.data.group_size})"
                              ": a group needs negatives")
-        if online.live_hours >= self.world.hours:
+        if self.world is not None and online.live_hours >= self.world.hours:
             raise ValueError(f"online.live_hours ({online.live_hours}) must be below world.hours ({self.world.hours})")
         return self
 
@@ -383,7 +391,8 @@ class PerfusionConfig(Section):
         """A copy whose local paths (world.taste_family, data.root, rm.out, align.out, online.out) are absolute,
         for Ray workers and actors, which run in another working directory than the driver."""
         copy = self.model_copy(deep=True)
-        copy.world.taste_family = self.resolve_input(self.world.taste_family)
+        if copy.world is not None:
+            copy.world.taste_family = self.resolve_input(self.world.taste_family)
         if "://" not in copy.data.root:
             copy.data.root = str(Path(copy.data.root).absolute())
         for section in (copy.rm, copy.align, copy.online):
@@ -415,6 +424,16 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The config section a field holds (optional sections included), or None for a plain value."""
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def _apply_override(raw: dict, path: list[str], value: Any, item: str) -> None:
     model: type[BaseModel] | None = PerfusionConfig
     node = raw
@@ -427,8 +446,7 @@ def _apply_override(raw: dict, path: list[str], value: Any, item: str) -> None:
         if depth == len(path) - 1:
             node[key] = value
             return
-        annotation = fields[key].annotation if model is not None else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section_type(fields[key].annotation) if model is not None else None
         child = node.get(key)
         if not isinstance(child, dict):
             child = {}

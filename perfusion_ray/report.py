@@ -40,7 +40,7 @@ def plot_rounds(rounds: list[dict], path: Path) -> None:
     for axis, key, title in zip(axes, ("rm_reward", "oracle_utility", "loss"),
                                 ("RM reward (on-policy groups)", "oracle utility (on-policy groups)",
                                  "group objective loss")):
-        values = np.array([m[key] for m in rounds], dtype=float)
+        values = np.array([m.get(key, np.nan) for m in rounds], dtype=float)
         axis.plot(index, values, marker="o", alpha=0.6, label="round")
         if len(values) >= 3:  # each round draws new requests: the trend is easier to see smoothed
             smooth = np.convolve(values, np.ones(3) / 3, mode="valid")
@@ -90,10 +90,14 @@ def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
 
 def round_rows(rounds: list[dict]) -> list[tuple]:
     """One row per round, in the columns of TABLES['rounds'] (the report and `perfusion align` print it)."""
-    return [(m["round"], f"{m['rm_reward']:.3f}", f"{m['oracle_utility']:.3f}", f"{m['loss']:.3f}",
+    return [(m["round"], f"{m['rm_reward']:.3f}", _number(m.get("oracle_utility")), f"{m['loss']:.3f}",
              m["fresh_partitions"], f"{m['generate_seconds']:.0f}", f"{m['score_seconds']:.1f}",
              f"{m['optimize_seconds']:.0f}", f"{m['rm_refresh_seconds']:.0f}", m.get("rm_version", ""))
             for m in rounds]
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 TABLES = {

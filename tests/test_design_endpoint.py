@@ -28,7 +28,8 @@ from perfusion_ray.config import REPO_ROOT, load_config
 from perfusion_ray.serve.design_client import DesignClient, DesignHandleClient
 from perfusion_ray.serve.design_schemas import FeedbackEvent
 from perfusion_ray.serve.model_store import pipeline_version
-from perfusion_ray.serve.schemas import Merchant, RewardRequestError
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import RewardRequestError
 from tests.conftest import free_port, under_load
 
 pytestmark = pytest.mark.ray

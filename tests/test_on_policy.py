@@ -1,5 +1,4 @@
-"""The pure parts of an online round: P/N from the RM ranking, the on-policy/logged mix, batch layout, the
-averaged policy."""
+"""The pure parts of an online round: P/N from the RM ranking, the on-policy/logged mix, the averaged policy."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import pytest
 
 import torch
 
-from perfusion_ray.train.on_policy import average_weights, concat, generated_batch, mix_sizes, reward_labels, take
+from perfusion_ray.train.on_policy import average_weights, mix_sizes, reward_labels
 
 
 def test_top_m_puts_exactly_the_m_best_in_p():
@@ -46,18 +45,6 @@ def test_mix_follows_the_share_and_falls_back_to_the_other_source():
     assert mix_sizes(8, 0.5, logged_available=100, policy_available=0) == (8, 0)
     with pytest.raises(ValueError, match="no groups"):
         mix_sizes(8, 0.5, 0, 0)
-
-
-def test_generated_groups_have_the_logged_batch_layout():
-    images = np.zeros((2, 4, 32, 32, 3), np.uint8)
-    merchants = [{"merchant_id": "m1", "merchant_features": {"tier": "a"}, "merchant_stats": {"gmv": 1.0}},
-                 {"merchant_id": "m2"}]
-    batch = generated_batch(["r1", "r2"], merchants, ["a dress", "a bag"], images, np.eye(2, 4))
-    assert set(batch) == {"request_id", "merchant_id", "merchant_json", "prompt", "images", "labels"}
-    assert batch["images"].shape == (2, 4, 32, 32, 3) and batch["labels"].dtype == np.float32
-    both = concat([batch, take(batch, np.array([1]))])
-    assert both["request_id"].tolist() == ["r1", "r2", "r2"]
-    assert both["merchant_json"][2] == '[{}, {}]'
 
 
 def test_the_averaged_policy_weighs_recent_rounds_most_and_keeps_counters():

@@ -90,7 +90,7 @@ def test_online_rounds_consume_fresh_partitions_in_order_and_export_a_pipeline(p
     assert state["round"] == ROUNDS
     assert state["consumed_partitions"] == fresh[:ROUNDS]  # one per round, oldest first
     assert [m["round"] for m in state["history"]] == list(range(ROUNDS))
-    assert state["rm_version"].startswith("online-round0001@")  # refreshed on the fresh groups and rolled out
+    assert state["rm_version"].startswith("refreshed-round0001@")  # refreshed on the fresh groups and rolled out
     online = folder / "uninterrupted" / "online"
     assert (online / "pipeline" / "model_index.json").is_file()
     assert list((online / "tensorboard").glob("events.out.tfevents.*"))

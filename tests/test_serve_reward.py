@@ -30,7 +30,8 @@ from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
 from perfusion_ray.serve.client import RewardClient, RewardHandleClient
 from perfusion_ray.serve.images import encode_png, to_base64_png
-from perfusion_ray.serve.schemas import Merchant, RewardRequestError
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import RewardRequestError
 from perfusion_ray.serve.security import check_bind
 from tests.conftest import free_port, under_load
 
@@ -269,7 +270,7 @@ ray = init_ray(config.cluster)
 from ray import serve
 from perfusion_ray.serve import reward_app
 from perfusion_ray.serve.client import RewardClient, RewardHandleClient
-from perfusion_ray.serve.schemas import Merchant
+from perfusion_ray.records import Merchant
 import numpy as np, requests
 
 try:

@@ -1,9 +1,12 @@
-"""`perfusion rm eval`: GAUC, MAP, AUC and logloss on held-out groups, for seen and cold-start
-merchants, for PerFusionRM, the plug-in-off baseline, zero-shot CLIP, a random floor, and two references
-from FashionWorld's pixel oracle: the oracle ceiling (each merchant's own hidden taste, true utilities) and
-the side-feature oracle (the taste expected from the merchant's observable features, E[taste | features],
-times the true attribute profile): what a scorer that reads pixels perfectly can reach knowing only what a
-cold-start merchant shows."""
+"""`perfusion rm eval`: GAUC, MAP, AUC and logloss on held-out groups, for seen and cold-start merchants.
+
+Seen and cold start come from the data: a merchant is cold start when no group of the train split names
+it. Scorers: PerFusionRM, the plug-in-off baseline (when given), zero-shot CLIP and a random floor; and,
+only where the environment has an oracle, its reference scorers (FashionWorld: the oracle ceiling, each
+merchant's own hidden taste on true attributes, and the side-feature oracle, the taste expected from
+observable features: what a perfect reader of pixels reaches knowing only what a cold-start merchant
+shows).
+"""
 
 from __future__ import annotations
 
@@ -13,24 +16,22 @@ from pathlib import Path
 import numpy as np
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import candidate_rows, read_groups, to_model_batch
+from perfusion_ray.data.group_examples import load_groups
 from perfusion_ray.data.store import StoreLayout
+from perfusion_ray.environment import Oracle
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.metrics import auc, gauc, logloss, mean_average_precision
 from perfusion_ray.models.clip_towers import load_clip
-from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model
-from perfusion_ray.world.merchants import expected_taste
-from perfusion_ray.world.oracle import attribute_profile
-from perfusion_ray.world.simulator import build_world
+from perfusion_ray.records import GroupBatch
 
 SUBSETS = ("seen", "cold")
 
 
-def score_groups(model: PerFusionRM, batch: dict[str, np.ndarray]) -> np.ndarray:
+def score_groups(model: PerFusionRM, batch: GroupBatch) -> np.ndarray:
     """[G, K] scores of every candidate of every group."""
-    merchants, prompts, images = candidate_rows(batch)
-    return model.score(MerchantBatch.from_records(merchants), prompts, images).reshape(batch["labels"].shape)
+    merchants, prompts, images = batch.candidates()
+    return model.score(merchants, prompts, images).reshape(batch.labels.shape)
 
 
 def ranking_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, float]:
@@ -43,6 +44,23 @@ def ranking_metrics(scores: np.ndarray, positive: np.ndarray) -> dict[str, float
     centred = (scores - scores.mean(1, keepdims=True)).reshape(-1)
     return {"gauc": gauc(flat, labels, groups), "map": mean_average_precision(flat, labels, groups),
             "auc": auc(flat, labels), "logloss": logloss(1 / (1 + np.exp(-centred)), labels)}
+
+
+def train_merchant_ids(root: str) -> set[str]:
+    """The merchants that appear in the train split's committed groups: every other one is cold start."""
+    import pyarrow.parquet as pq
+
+    layout = StoreLayout(root, "train")
+    return {m for path in layout.output_files("groups")
+            for m in pq.read_table(path, columns=["merchant_id"], filesystem=layout.filesystem)["merchant_id"].to_pylist()}
+
+
+def held_out_groups(config: PerfusionConfig) -> GroupBatch:
+    batch = load_groups(StoreLayout(config.data.root, "holdout"))
+    if batch is None:
+        raise PerfusionError(f"no held-out group examples under {config.data.root}",
+                             hint="ingest the store's holdout split (`perfusion data ingest --split holdout`)")
+    return batch
 
 
 @dataclass
@@ -64,32 +82,22 @@ class RMEvaluation:
         return flat
 
 
-def evaluate_reward_models(config: PerfusionConfig, model_dir: Path, baseline_dir: Path | None) -> RMEvaluation:
-    layout = StoreLayout(config.data.root, "holdout")
-    table = read_groups(config.data.root, "holdout")
-    if table.num_rows == 0:
-        raise PerfusionError("no held-out group examples", hint="run `perfusion world simulate --split holdout` "
-                             "and `perfusion data ingest --split holdout`")
-    batch = to_model_batch(table, layout.images_uri)
-    positive = batch["labels"] > config.data.label_policy.positive_threshold
-    world = build_world(config)
-    cold_ids = {m for m, cold in zip(world.merchants.ids, world.merchants.cold_start) if cold}
-    is_cold = np.array([m in cold_ids for m in batch["merchant_id"]])
-    groups, k = positive.shape
-    profiles = attribute_profile(batch["images"].reshape(groups * k, *batch["images"].shape[2:])).reshape(groups, k, -1)
-    rows = [world.merchants.index(m) for m in batch["merchant_id"]]
-    tastes = world.merchants.tastes[rows]
-    population = world.merchants
+def evaluate_reward_models(config: PerfusionConfig, model_dir: Path, baseline_dir: Path | None,
+                           oracle: Oracle | None = None) -> RMEvaluation:
+    batch = held_out_groups(config)
+    positive = batch.labels > config.data.label_policy.positive_threshold
+    seen_ids = train_merchant_ids(config.data.root)
+    is_cold = np.array([m.id not in seen_ids for m in batch.merchants])
     zero_shot = PerFusionRM(load_clip(config.rm.clip), RewardModelConfig(towers="frozen", plugin=False))
     scorers = {
         "perfusion_rm": lambda: score_groups(load_reward_model(model_dir), batch),
         "no_plugin": (lambda: score_groups(load_reward_model(baseline_dir), batch)) if baseline_dir else None,
         "clip_zero_shot": lambda: score_groups(zero_shot, batch),
         "random": lambda: np.random.default_rng(0).random(positive.shape),
-        "oracle": lambda: np.einsum("gkd,gd->gk", profiles, tastes),
-        "oracle_side_features": lambda: np.einsum("gkd,gd->gk", profiles, expected_taste(
-            world.family, population.features, population.stats, seed=config.world.seed)[rows]),
     }
+    if oracle is not None:
+        references = oracle.reference_scores(batch)
+        scorers.update({name: (lambda scores=scores: scores) for name, scores in references.items()})
     results = {}
     for name, scorer in scorers.items():
         if scorer is None:

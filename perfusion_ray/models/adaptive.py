@@ -16,6 +16,7 @@ in memory. At initialisation the zero joins make the personalized output equal t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ from torch import nn
 
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.base import conditioned_call
-from perfusion_ray.models.merchant_encoder import MerchantBatch, MerchantEncoder
+from perfusion_ray.models.merchant_encoder import MerchantEncoder
+from perfusion_ray.records import Merchant
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The branch's parts that train in full next to its LoRA matrices (names inside ControlNetModel).
@@ -82,10 +84,10 @@ class PersonalizedAdapter(ModelMixin, ConfigMixin):
         return adapter
 
     # ------------------------------------------------------------ merchants
-    def featurize(self, merchants: MerchantBatch) -> dict[str, torch.Tensor]:
+    def featurize(self, merchants: Sequence[Merchant]) -> dict[str, torch.Tensor]:
         return self.merchant_encoder.featurize(merchants)
 
-    def fit_merchants(self, merchants: MerchantBatch) -> None:
+    def fit_merchants(self, merchants: Sequence[Merchant]) -> None:
         """Remember the training merchants (known ids, stat scale): others take the cold-start path."""
         self.merchant_encoder.fit_normalisation(merchants)
         self.register_to_config(known_ids=sorted(self.merchant_encoder.known_ids))

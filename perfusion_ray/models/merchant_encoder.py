@@ -9,42 +9,18 @@ features alone. Training drops known ids at random (id_dropout) so that path is 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from perfusion_ray.records import Merchant
+
 
 def stable_bucket(text: str, buckets: int) -> int:
     """A hash that is the same in every process (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % buckets
-
-
-@dataclass
-class MerchantBatch:
-    """Merchants as given to scoring and training: parallel lists."""
-
-    ids: list[str]
-    features: list[dict[str, str]]
-    stats: list[dict[str, float]]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, rows) -> "MerchantBatch":
-        """The merchants at these row positions (repeats allowed)."""
-        return MerchantBatch([self.ids[i] for i in rows], [self.features[i] for i in rows],
-                             [self.stats[i] for i in rows])
-
-    @classmethod
-    def from_records(cls, records: list[dict]) -> "MerchantBatch":
-        """From dicts with merchant_id and optional merchant_features / merchant_stats (dicts or pairs)."""
-        return cls(
-            ids=[str(r.get("merchant_id") or "") for r in records],
-            features=[dict(r.get("merchant_features") or {}) for r in records],
-            stats=[dict(r.get("merchant_stats") or {}) for r in records],
-        )
 
 
 class MerchantEncoder(nn.Module):
@@ -63,34 +39,55 @@ class MerchantEncoder(nn.Module):
         # Set from training data; saved with the weights.
         self.register_buffer("stat_mean", torch.zeros(max(len(self.stat_names), 1)))
         self.register_buffer("stat_std", torch.ones(max(len(self.stat_names), 1)))
-        self.known_ids: set[str] = set()
+        self._known_ids: set[str] = set()
+        self._rows: dict[Merchant, tuple] = {}
+
+    @property
+    def known_ids(self) -> set[str]:
+        return self._known_ids
+
+    @known_ids.setter
+    def known_ids(self, ids) -> None:
+        self._known_ids, self._rows = set(ids), {}  # the cached rows carry the known flag
 
     @property
     def dim(self) -> int:
         return self.id_embedding.embedding_dim
 
-    def fit_normalisation(self, batch: MerchantBatch) -> None:
+    def fit_normalisation(self, merchants: Sequence[Merchant]) -> None:
         """Remember the training merchants (ids and stat scale)."""
-        self.known_ids = set(batch.ids)
+        self.known_ids = {m.id for m in merchants}
         if self.stat_names:
-            values = np.array([[s.get(name, np.nan) for name in self.stat_names] for s in batch.stats], dtype=np.float64)
+            values = np.array([[m.stats.get(name, np.nan) for name in self.stat_names] for m in merchants],
+                              dtype=np.float64)
             mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
             self.stat_mean.copy_(torch.as_tensor(np.nan_to_num(mean), dtype=torch.float32))
             self.stat_std.copy_(torch.as_tensor(np.where(np.nan_to_num(std) > 1e-6, std, 1.0), dtype=torch.float32))
 
-    def featurize(self, batch: MerchantBatch) -> dict[str, torch.Tensor]:
+    def _row(self, merchant: Merchant) -> tuple[int, bool, list[int], list[float]]:
+        """A merchant's hashed id, known flag, feature tokens and raw stats; cached per merchant, since the
+        same few merchants recur in every batch."""
+        row = self._rows.get(merchant)
+        if row is None:
+            tokens = [stable_bucket(f"{name}={value}", self.feature_buckets)
+                      for name, value in sorted(merchant.features.items())[: self.max_features]]
+            tokens += [self.feature_buckets] * (self.max_features - len(tokens))
+            stats = [float(merchant.stats[name]) if merchant.stats.get(name) is not None else np.nan
+                     for name in self.stat_names or ("",)]
+            row = (stable_bucket(merchant.id, self.id_buckets), merchant.id in self.known_ids, tokens, stats)
+            if len(self._rows) < 65536:
+                self._rows[merchant] = row
+        return row
+
+    def featurize(self, merchants: Sequence[Merchant]) -> dict[str, torch.Tensor]:
         """Tensors for forward(); pure bookkeeping, cheap, on the CPU."""
         device = self.id_embedding.weight.device
-        ids = torch.tensor([stable_bucket(i, self.id_buckets) for i in batch.ids], dtype=torch.long)
-        known = torch.tensor([i in self.known_ids for i in batch.ids], dtype=torch.bool)
-        tokens = torch.full((len(batch), self.max_features), self.feature_buckets, dtype=torch.long)
-        for row, features in enumerate(batch.features):
-            for column, (name, value) in enumerate(sorted(features.items())[: self.max_features]):
-                tokens[row, column] = stable_bucket(f"{name}={value}", self.feature_buckets)
-        names = self.stat_names or ("",)
-        stats = torch.tensor([[float(s.get(name, np.nan)) if s.get(name) is not None else np.nan for name in names]
-                              for s in batch.stats], dtype=torch.float32).reshape(len(batch), len(names))
-        return {"ids": ids.to(device), "known": known.to(device), "tokens": tokens.to(device), "stats": stats.to(device)}
+        rows = [self._row(m) for m in merchants]
+        width = len(self.stat_names or ("",))
+        return {"ids": torch.tensor([r[0] for r in rows], dtype=torch.long, device=device),
+                "known": torch.tensor([r[1] for r in rows], dtype=torch.bool, device=device),
+                "tokens": torch.tensor([r[2] for r in rows], dtype=torch.long, device=device).reshape(len(rows), self.max_features),
+                "stats": torch.tensor([r[3] for r in rows], dtype=torch.float32, device=device).reshape(len(rows), width)}
 
     def forward(self, ids: torch.Tensor, known: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
         if self.training and self.id_dropout > 0:

@@ -16,6 +16,7 @@ LoRA matrices; models/adaptive.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,9 @@ from diffusers.utils import BaseOutput
 from perfusion_ray.models import autoencoder as _autoencoder  # noqa: F401
 from perfusion_ray.models.adaptive import PersonalizedAdapter, PersonalizedUNet
 from perfusion_ray.models.base import BaseDiffusion, conditioned_call, fit_tokenizer
-from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.records import Merchant
 
-MerchantInput = dict | list[dict] | MerchantBatch | None
+MerchantInput = Merchant | dict | Sequence[Merchant | dict] | None
 
 
 @dataclass
@@ -78,22 +79,19 @@ class PerFusionPipeline(DiffusionPipeline):
         return prompts
 
     @staticmethod
-    def _merchants(merchant: MerchantInput, count: int) -> MerchantBatch | None:
+    def _merchants(merchant: MerchantInput, count: int) -> list[Merchant] | None:
         if merchant is None:
             return None
-        if isinstance(merchant, MerchantBatch):
-            batch = merchant
-        else:
-            records = [merchant] if isinstance(merchant, dict) else list(merchant)
-            batch = MerchantBatch.from_records(records)
+        given = [merchant] if isinstance(merchant, (Merchant, dict)) else list(merchant)
+        batch = [Merchant.coerce(m) for m in given]
         if len(batch) == 1 and count > 1:
-            batch = batch.take([0] * count)
+            batch = batch * count
         if len(batch) != count:
             raise ValueError(f"{len(batch)} merchants for {count} prompts: give one merchant, or one per prompt")
         return batch
 
     # ------------------------------------------------------------ sampling
-    def denoiser(self, merchants: MerchantBatch | None, guided: bool, personalize_unconditional: bool = False):
+    def denoiser(self, merchants: list[Merchant] | None, guided: bool, personalize_unconditional: bool = False):
         """(latents, t, context) -> model output, with the branch on for these merchants (if any).
 
         Under guidance the batch is [unconditional; conditional]. By default only the conditional half
@@ -118,7 +116,7 @@ class PerFusionPipeline(DiffusionPipeline):
         return conditional_only
 
     @torch.no_grad()
-    def sample_latents(self, prompts: list[str], merchants: MerchantBatch | None, guidance_scale: float,
+    def sample_latents(self, prompts: list[str], merchants: list[Merchant] | None, guidance_scale: float,
                        num_inference_steps: int, generator: torch.Generator | None, latents: torch.Tensor | None,
                        personalize_unconditional: bool = False) -> torch.Tensor:
         base = self.base
@@ -161,14 +159,14 @@ class PerFusionPipeline(DiffusionPipeline):
         k = num_images_per_prompt
         prompts = [p for p in prompts for _ in range(k)]
         if merchants is not None:
-            merchants = merchants.take([row for row in range(len(merchants)) for _ in range(k)])
+            merchants = [m for m in merchants for _ in range(k)]
         if latents is not None and latents.shape[0] != len(prompts):
             raise ValueError(f"latents has {latents.shape[0]} rows for {len(prompts)} images")
         outputs = []
         starts = range(0, len(prompts), batch_size)
         for start in self.progress_bar(starts) if len(starts) > 1 else starts:
             end = start + batch_size
-            chunk = merchants.take(range(start, min(end, len(prompts)))) if merchants is not None else None
+            chunk = merchants[start:end] if merchants is not None else None
             outputs.append(self.sample_latents(prompts[start:end], chunk, guidance_scale, num_inference_steps,
                                                generator, None if latents is None else latents[start:end],
                                                personalize_unconditional))

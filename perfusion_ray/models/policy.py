@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from perfusion_ray.config import PolicyConfig
 from perfusion_ray.models.adaptive import LORA_TARGETS, PersonalizedUNet
 from perfusion_ray.models.base import conditioned_call
-from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.records import Merchant
 
 
 class PlainLoRAUNet(nn.Module):
@@ -32,7 +33,7 @@ class PlainLoRAUNet(nn.Module):
         self.unet = copy.deepcopy(unet).requires_grad_(False)  # the caller's UNet stays the plain base
         self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS))
 
-    def featurize(self, merchants: MerchantBatch) -> dict[str, torch.Tensor]:
+    def featurize(self, merchants: Sequence[Merchant]) -> dict[str, torch.Tensor]:
         return {}
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
@@ -57,7 +58,7 @@ class PlainLoRAUNet(nn.Module):
 
 
 def build_policy(unet, policy: PolicyConfig, adapter: str = "personalized", stat_names: tuple[str, ...] = (),
-                 merchants: MerchantBatch | None = None) -> nn.Module:
+                 merchants: Sequence[Merchant] | None = None) -> nn.Module:
     """A fresh policy over the frozen base UNet; `merchants` are the training merchants (known ids)."""
     if adapter == "plain_lora":
         return PlainLoRAUNet(unet, policy.lora_rank)
@@ -72,7 +73,7 @@ def build_policy(unet, policy: PolicyConfig, adapter: str = "personalized", stat
 
 
 def featurizer(policy: nn.Module):
-    """The policy's merchant featurizer (MerchantBatch -> tensors its forward takes)."""
+    """The policy's merchant featurizer (merchants -> tensors its forward takes)."""
     return policy.adapter.featurize if isinstance(policy, PersonalizedUNet) else policy.featurize
 
 

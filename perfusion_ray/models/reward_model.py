@@ -10,6 +10,7 @@ model.safetensors, no pickle) that `load_reward_model` rebuilds with one call.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,8 +24,9 @@ from transformers import CLIPConfig, CLIPModel
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.clip_towers import pixel_values, text_inputs
 from perfusion_ray.models.crossing import PersonalizedPlugin
-from perfusion_ray.models.merchant_encoder import MerchantBatch, MerchantEncoder
+from perfusion_ray.models.merchant_encoder import MerchantEncoder
 from perfusion_ray.models.tokenizer import clip_tokenizer
+from perfusion_ray.records import Merchant
 
 MODEL_TYPE = "perfusion_rm"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -84,7 +86,7 @@ class PerFusionRM(nn.Module):
     def image_size(self) -> int:
         return self.clip.config.vision_config.image_size
 
-    def encode_merchants(self, merchants: MerchantBatch) -> dict[str, torch.Tensor]:
+    def encode_merchants(self, merchants: Sequence[Merchant]) -> dict[str, torch.Tensor]:
         return self.merchant_encoder.featurize(merchants)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
@@ -104,7 +106,7 @@ class PerFusionRM(nn.Module):
         cosine = nn.functional.cosine_similarity(text, image, dim=-1)
         return self.logit_scale.exp() * cosine
 
-    def inputs(self, merchants: MerchantBatch, prompts: list[str], images) -> dict:
+    def inputs(self, merchants: Sequence[Merchant], prompts: list[str], images) -> dict:
         """Model inputs for N rows: merchants (N), prompts (N), uint8 RGB images [N, H, W, 3]."""
         if not (len(merchants) == len(prompts) == len(images)):
             raise ValueError(f"need one merchant and one prompt per image, got {len(merchants)}, {len(prompts)}, "
@@ -115,15 +117,14 @@ class PerFusionRM(nn.Module):
                 "merchant": self.encode_merchants(merchants)}
 
     @torch.no_grad()
-    def score(self, merchants: MerchantBatch, prompts: list[str], images, batch_size: int = 256) -> np.ndarray:
+    def score(self, merchants: Sequence[Merchant], prompts: list[str], images, batch_size: int = 256) -> np.ndarray:
         """Batched scoring: one float per (merchant, prompt, image) row. The Serve deployment wraps this."""
         was_training = self.training
         self.eval()
         scores = []
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
-            batch = MerchantBatch(merchants.ids[part], merchants.features[part], merchants.stats[part])
-            scores.append(self(**self.inputs(batch, prompts[part], images[part])).float().cpu().numpy())
+            scores.append(self(**self.inputs(merchants[part], prompts[part], images[part])).float().cpu().numpy())
         self.train(was_training)
         return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 

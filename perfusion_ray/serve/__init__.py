@@ -12,6 +12,7 @@ One module per concern:
 Nothing here imports ray or torch at package import time.
 """
 
-from perfusion_ray.serve.schemas import Merchant, RewardRequestError, ScoreResult
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import RewardRequestError, ScoreResult
 
 __all__ = ["Merchant", "RewardRequestError", "ScoreResult"]

@@ -19,7 +19,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from perfusion_ray.serve.images import to_base64_png
-from perfusion_ray.serve.schemas import Merchant, RewardRequestError, ScoreResult
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import RewardRequestError, ScoreResult
 
 
 class RewardScorer(Protocol):

@@ -87,19 +87,18 @@ class RewardModel(VersionedReplica):
     # ------------------------------------------------------------ batched scoring
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _score_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray, ServedModel]]:
-        from perfusion_ray.models.merchant_encoder import MerchantBatch
+        from perfusion_ray.records import Merchant
 
         served = self._served  # the whole batch uses, and reports, this one model
-        ids, features, stats, prompts = [], [], [], []
+        merchants, prompts = [], []
         for job in jobs:
             n = len(job.images)
-            ids += [job.merchant.merchant_id or ""] * n
-            features += [job.merchant.merchant_features] * n
-            stats += [job.merchant.merchant_stats] * n
+            merchants += [Merchant(job.merchant.merchant_id or "", job.merchant.merchant_features,
+                                   job.merchant.merchant_stats)] * n
             prompts += [job.merchant.prompt] * n
         images = np.concatenate([job.images for job in jobs])
         scores = await asyncio.get_running_loop().run_in_executor(
-            self._scorer, lambda: served.model.score(MerchantBatch(ids, features, stats), prompts, images,
+            self._scorer, lambda: served.model.score(merchants, prompts, images,
                                                      batch_size=len(images)))
         out, start = [], 0
         for job in jobs:

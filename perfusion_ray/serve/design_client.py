@@ -21,7 +21,8 @@ from typing import Protocol, Sequence
 
 from perfusion_ray.serve.client import RewardClient, _unwrap
 from perfusion_ray.serve.design_schemas import DesignResult, FeedbackEvent, FeedbackResult
-from perfusion_ray.serve.schemas import Merchant, RewardRequestError
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import RewardRequestError
 
 
 class Designer(Protocol):

@@ -38,7 +38,8 @@ from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, Fee
 from perfusion_ray.serve.http import (authorize, health_response, parse_object, read_body, refusal_response,
                                       serving_host)
 from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
-from perfusion_ray.serve.schemas import Merchant, RewardRequestError, describe_validation_error, reject
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import RewardRequestError, describe_validation_error, reject
 from perfusion_ray.serve.security import check_bind
 
 DEPLOYMENT_NAME = "DesignModel"
@@ -107,16 +108,12 @@ def generate(served: Served, jobs: list[_Job], settings: DesignSettings) -> list
     """uint8 [n, H, W, 3] per job from one pipeline call; each job's noise comes from its own seed."""
     import torch
 
-    from perfusion_ray.models.merchant_encoder import MerchantBatch
-
     pipe = served.model
     shape = pipe.base.latent_shape
     latents = torch.cat([torch.randn((job.n, *shape), generator=torch.Generator().manual_seed(job.seed))
                          for job in jobs])
     per_image = [job for job in jobs for _ in range(job.n)]
-    merchants = MerchantBatch([j.merchant.id for j in per_image], [dict(j.merchant.features) for j in per_image],
-                              [dict(j.merchant.stats) for j in per_image])
-    images = pipe([j.prompt for j in per_image], merchant=merchants, latents=latents, output_type="np",
+    images = pipe([j.prompt for j in per_image], merchant=[j.merchant for j in per_image], latents=latents, output_type="np",
                   num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                   personalize_unconditional=settings.personalize_unconditional, batch_size=len(per_image)).images
     out, start = [], 0

@@ -39,7 +39,8 @@ from perfusion_ray.data.events import event_id, event_row, event_time, events_ta
 from perfusion_ray.data.image_store import ImageStore
 from perfusion_ray.data.store import StoreLayout, hour_partition, write_partition
 from perfusion_ray.serve.design_schemas import FeedbackEvent, FeedbackResult
-from perfusion_ray.serve.schemas import Merchant, reject
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import reject
 from perfusion_ray.storage import atomic_create_bytes, atomic_write_json, parquet_bytes, read_json
 
 

@@ -21,7 +21,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from perfusion_ray.serve.schemas import MAX_MERCHANT_FEATURES, MAX_PROMPT_CHARS, FiniteFloat, Merchant
+from perfusion_ray.records import Merchant
+from perfusion_ray.serve.schemas import MAX_MERCHANT_FEATURES, MAX_PROMPT_CHARS, FiniteFloat
 
 # The ingest's id rule (data/validation.py ID_PATTERN) less "/", which joins request and client event ids.
 MERCHANT_ID_PATTERN = r"^[A-Za-z0-9._:@+=-]{1,128}$"

@@ -69,8 +69,8 @@ def load_served_model(folder: str | Path) -> ServedModel:
     import numpy as np
     import torch
 
-    from perfusion_ray.models.merchant_encoder import MerchantBatch
     from perfusion_ray.models.reward_model import load_reward_model
+    from perfusion_ray.records import Merchant
 
     torch.set_num_threads(1)
     folder = resolve_path(folder)
@@ -78,7 +78,7 @@ def load_served_model(folder: str | Path) -> ServedModel:
     version = model_version(folder)
     size = model.image_size
     # The first CPU forward pays a one-off warm-up (STACK.md): pay it before traffic arrives.
-    model.score(MerchantBatch([""], [{}], [{}]), [""], np.zeros((1, size, size, 3), np.uint8))
+    model.score([Merchant()], [""], np.zeros((1, size, size, 3), np.uint8))
     return ServedModel(model, version, str(folder), size)
 
 

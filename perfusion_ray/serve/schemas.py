@@ -62,21 +62,6 @@ class VersionResponse(BaseModel):
 
 
 @dataclass(frozen=True)
-class Merchant:
-    """Who asks. Every field may be empty: see the module docstring for the cold-start path."""
-
-    id: str = ""
-    features: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, float] = field(default_factory=dict)
-
-    def as_fields(self) -> dict:
-        fields: dict = {"merchant_features": dict(self.features), "merchant_stats": dict(self.stats)}
-        if self.id:
-            fields["merchant_id"] = self.id
-        return fields
-
-
-@dataclass(frozen=True)
 class ScoreResult:
     """One score per image, in request order, and the RM version that produced them."""
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import committed_group_files, distinct_merchants, to_model_batch
+from perfusion_ray.data.group_examples import committed_group_files, decode_groups, distinct_merchants
 from perfusion_ray.errors import PerfusionError
-from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.records import GroupBatch, Merchant
 from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
 from perfusion_ray.train.group_step import group_step, group_tensors
 from perfusion_ray.train.strategy import DeepSpeedStrategy
@@ -34,24 +34,38 @@ RUN_NAME = "align-offline"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_worker_policy(config: PerfusionConfig, merchants: list[dict], stat_names: list[str], device="cpu"):
+@dataclass(frozen=True)
+class PolicyMerchants:
+    """The merchants a policy's encoder is fitted on (known ids, stat scale): the train split's."""
+
+    merchants: list[Merchant]
+    stat_names: list[str]
+
+
+def policy_merchants(config: PerfusionConfig) -> PolicyMerchants:
+    layout, files = committed_group_files(config.data.root, "train")
+    merchants, stat_names, _ = distinct_merchants(layout, files)
+    return PolicyMerchants(merchants, stat_names)
+
+
+def build_worker_policy(config: PerfusionConfig, known: PolicyMerchants, device="cpu"):
     """The frozen base and a fresh policy, identical on every rank (same seed)."""
     from perfusion_ray.models.base import load_base
     from perfusion_ray.models.policy import build_policy
 
     base = load_base(config.policy.base, dtype=TORCH_DTYPES[config.policy.dtype], device=device)
     torch.manual_seed(config.align.seed)
-    policy = build_policy(base.unet, config.policy, config.align.adapter, tuple(stat_names),
-                          MerchantBatch.from_records(merchants))
+    policy = build_policy(base.unet, config.policy, config.align.adapter, tuple(known.stat_names), known.merchants)
     return base, policy.to(device)
 
 
-def export_pipeline(config: PerfusionConfig, loop: dict, state_dict: dict[str, torch.Tensor] | None, folder: Path) -> None:
+def export_pipeline(config: PerfusionConfig, known: PolicyMerchants, state_dict: dict[str, torch.Tensor] | None,
+                    folder: Path) -> None:
     """Rebuild the policy on the CPU from gathered weights (None: the policy at initialisation, which is the
     base model) and save it as a PerFusionPipeline."""
     from perfusion_ray.models.policy import policy_pipeline
 
-    base, policy = build_worker_policy(config, loop["merchants"], loop["stat_names"])
+    base, policy = build_worker_policy(config, known)
     if state_dict is not None:
         policy.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
     policy_pipeline(base, policy).save_pretrained(str(folder))
@@ -68,7 +82,7 @@ def train_loop_per_worker(loop: dict) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = torch.device("cuda", context.get_local_rank()) if align.use_gpu else torch.device("cpu")
-    base, policy = build_worker_policy(config, loop["merchants"], loop["stat_names"], device)
+    base, policy = build_worker_policy(config, loop["known"], device)
     strategy = DeepSpeedStrategy(zero_stage=align.zero_stage, lr=align.lr, micro_batch=align.batch_groups,
                                  bf16=align.bf16, weight_decay=align.weight_decay, warmup_steps=align.warmup_steps)
     engine = strategy.prepare(policy)
@@ -87,12 +101,12 @@ def train_loop_per_worker(loop: dict) -> None:
             result = group_step(engine, base.scheduler, tensors, align.beta, align.variant, generator,
                                 align.share_noise, threshold, align.min_timestep)
         except ValueError as exc:
-            raise PerfusionError(f"step {state['step']}: {exc} (requests {list(batch['request_id'][:4])}...)") from exc
+            raise PerfusionError(f"step {state['step']}: {exc} (requests {batch.request_ids[:4]}...)") from exc
         strategy.step(engine, result.loss)
         window["loss"].append(result.loss.item())
         window["margin"].append(result.reward_margin)
         state["step"] += 1
-        state["groups"] += len(batch["labels"])
+        state["groups"] += len(batch)
         state["groups_used"] += result.groups_used
         state["passes"] += result.denoiser_passes
         state["train_seconds"] += time.perf_counter() - started
@@ -105,7 +119,8 @@ def train_loop_per_worker(loop: dict) -> None:
 def _epochs(shard, batch_groups: int, state: dict):
     """The shard's batches, pass after pass (equal shards and drop_last keep ranks in step)."""
     while True:
-        yield from shard.iter_batches(batch_size=batch_groups, batch_format="numpy", drop_last=True)
+        for columns in shard.iter_batches(batch_size=batch_groups, batch_format="numpy", drop_last=True):
+            yield GroupBatch.from_columns(columns)
         state["epoch"] += 1
 
 
@@ -120,7 +135,7 @@ def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_f
                "groups_used": totals["groups_used"],
                "denoiser_passes_per_group": totals["passes"] / max(totals["groups"], 1), "final": final}
     report_with_checkpoint(engine, state, metrics, export=(
-        lambda folder: export_pipeline(config, loop, full_state, folder / "pipeline")) if final else None)
+        lambda folder: export_pipeline(config, loop["known"], full_state, folder / "pipeline")) if final else None)
 
 
 @dataclass
@@ -145,17 +160,16 @@ def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrain
     started = time.perf_counter()
     layout, files = committed_group_files(config.data.root, "train")
     align = config.align
-    merchants, stat_names, _ = distinct_merchants(files)
+    known = policy_merchants(config)
     out = Path(align.out).absolute()
     storage = out / "ray_results"
     if not resume:
         shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
     init_ray(config.cluster)
     # Decoded once before the workers start, not again in every pass over the data.
-    dataset = ray.data.read_parquet(files).map_batches(
-        to_model_batch, batch_format="pyarrow", fn_kwargs={"store_root": layout.images_uri}).materialize()
-    trainer = torch_trainer(train_loop_per_worker, {"config": config.model_dump(mode="json"), "merchants": merchants,
-                                                    "stat_names": stat_names},
+    dataset = ray.data.read_parquet(files, filesystem=layout.filesystem).map_batches(
+        decode_groups, batch_format="pyarrow", fn_kwargs={"images_root": layout.images_uri}).materialize()
+    trainer = torch_trainer(train_loop_per_worker, {"config": config.model_dump(mode="json"), "known": known},
                             align, config.cluster, RUN_NAME, storage, {"train": dataset})
     result = trainer.fit()
     if result.error:

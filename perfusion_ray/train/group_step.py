@@ -15,15 +15,14 @@ group for the group objectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from perfusion_ray.data.group_examples import merchant_records
 from perfusion_ray.models.base import images_to_model
-from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.objectives import GroupLoss, group_preference_terms
+from perfusion_ray.records import GroupBatch, Merchant
 
 
 @dataclass
@@ -47,16 +46,14 @@ class StepResult:
 
 
 @torch.no_grad()
-def group_tensors(base, featurize: Callable[[MerchantBatch], dict], batch: dict[str, np.ndarray]) -> GroupTensors:
-    """A model batch (data.group_examples.to_model_batch) -> latents, prompt states, merchant features."""
-    labels = torch.as_tensor(batch["labels"], dtype=torch.float32)
-    groups, k = labels.shape
-    images = images_to_model(batch["images"].reshape(groups * k, *batch["images"].shape[2:]))
-    latents = base.encode_images(images.to(base.device)).float()
-    latents = latents.reshape(groups, k, *latents.shape[1:])
-    context = base.encode_prompts([str(p) for p in batch["prompt"]])
-    merchant = featurize(MerchantBatch.from_records(merchant_records(batch)))
-    return GroupTensors(latents, context, merchant, labels)
+def group_tensors(base, featurize: Callable[[Sequence[Merchant]], dict], batch: GroupBatch) -> GroupTensors:
+    """A batch of groups -> latents, prompt states, merchant features, on the base model's device."""
+    _, _, images = batch.candidates()
+    latents = base.encode_images(images_to_model(np.asarray(images)).to(base.device)).float()
+    latents = latents.reshape(len(batch), batch.group_size, *latents.shape[1:])
+    context = base.encode_prompts(batch.prompts)
+    labels = torch.as_tensor(np.asarray(batch.labels), dtype=torch.float32).to(base.device)
+    return GroupTensors(latents, context, featurize(batch.merchants), labels)
 
 
 def _target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

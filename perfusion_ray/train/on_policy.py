@@ -4,8 +4,6 @@ policies that is exported. Pure functions; no Ray, no I/O."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 
@@ -44,32 +42,6 @@ def mix_sizes(batch_groups: int, logged_fraction: float, logged_available: int, 
     if logged_available == 0:
         logged = 0
     return logged, batch_groups - logged
-
-
-def take(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The given rows of a model batch (every column)."""
-    return {name: column[rows] for name, column in batch.items()}
-
-
-def concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Model batches stacked row-wise (same columns)."""
-    batches = [b for b in batches if len(b["labels"])]
-    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-
-
-def generated_batch(request_ids: list[str], merchants: list[dict], prompts: list[str], images: np.ndarray,
-                    labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Generated groups in the model-batch layout of data.group_examples.to_model_batch.
-    images uint8 [B, K, H, W, 3]; labels [B, K]; merchants: records with merchant_features/merchant_stats."""
-    return {
-        "request_id": np.array(request_ids, dtype=object),
-        "merchant_id": np.array([m["merchant_id"] for m in merchants], dtype=object),
-        "merchant_json": np.array([json.dumps([m.get("merchant_features") or {}, m.get("merchant_stats") or {}])
-                                   for m in merchants], dtype=object),
-        "prompt": np.array(prompts, dtype=object),
-        "images": np.asarray(images, dtype=np.uint8),
-        "labels": np.asarray(labels, dtype=np.float32),
-    }
 
 
 def average_weights(average: dict | None, current: dict, decay: float) -> dict:

@@ -1,7 +1,7 @@
 """`perfusion rm train`: PerFusionRM under Ray Train + DeepSpeed, group examples streamed from Ray Data.
 
-The driver reads the committed group files of the train split, holds out a validation fraction by
-request id (for early stopping), and starts a TorchTrainer. Each worker builds the model, wraps it in
+The driver reads the committed group files of a split (train; the judge of evaluation/judge.py trains on
+holdout), holds out a validation fraction by request id (for early stopping), and starts a TorchTrainer. Each worker builds the model, wraps it in
 a DeepSpeed engine (ZeRO stage from config), streams its shard, and after each epoch reports the
 validation GAUC (all-reduced over workers) with a checkpoint: the engine state on every rank, plus
 the exported model directory whenever the GAUC improved. Rerunning with resume continues from the
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import candidate_rows, committed_group_files, distinct_merchants, to_model_batch
+from perfusion_ray.data.group_examples import committed_group_files, decode_groups, distinct_merchants
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.metrics import gauc
 from perfusion_ray.models.clip_towers import load_clip
-from perfusion_ray.models.merchant_encoder import MerchantBatch, stable_bucket
+from perfusion_ray.models.merchant_encoder import stable_bucket
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
 from perfusion_ray.objectives import pairwise_logistic_loss, plackett_luce_loss
+from perfusion_ray.records import GroupBatch
 from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
 from perfusion_ray.train.strategy import DeepSpeedStrategy
 
@@ -38,10 +39,10 @@ def is_validation(request_id: str, fraction: float) -> bool:
     return stable_bucket(request_id, VALIDATION_BUCKETS) < fraction * VALIDATION_BUCKETS
 
 
-def model_batch_for_fold(table, store_root: str, fraction: float, validation: bool) -> dict[str, np.ndarray]:
-    """to_model_batch on the rows of one fold (train or validation), chosen by request id."""
+def decode_fold(table, images_root: str, fraction: float, validation: bool):
+    """decode_groups on the rows of one fold (train or validation), chosen by request id."""
     keep = [is_validation(r, fraction) == validation for r in table["request_id"].to_pylist()]
-    return to_model_batch(table.filter(keep), store_root)
+    return decode_groups(table.filter(keep), images_root)
 
 
 def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_ids: list[str]) -> RewardModelConfig:
@@ -54,22 +55,24 @@ def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_id
 def export_untrained(config: PerfusionConfig, folder: str | Path) -> Path:
     """An untrained PerFusionRM for the merchants of the committed train groups, exported to `folder`
     (a served model for runs that measure the loop rather than the reward: tests, benchmarks)."""
-    _, files = committed_group_files(config.data.root, "train")
-    merchants, stat_names, _ = distinct_merchants(files)
-    model_config = reward_model_config(config, stat_names, sorted(m["merchant_id"] for m in merchants))
+    layout, files = committed_group_files(config.data.root, "train")
+    merchants, stat_names, _ = distinct_merchants(layout, files)
+    model_config = reward_model_config(config, stat_names, sorted(m.id for m in merchants))
     return save_reward_model(PerFusionRM(load_clip(config.rm.clip), model_config), folder)
 
 
-def batch_scores(model: PerFusionRM, engine, batch: dict[str, np.ndarray]) -> torch.Tensor:
-    """Scores [B, K] of a model batch, through the engine (so ZeRO hooks run)."""
-    merchants, prompts, images = candidate_rows(batch)
-    return engine(**model.inputs(MerchantBatch.from_records(merchants), prompts, images)).view(batch["labels"].shape)
+def batch_scores(model: PerFusionRM, engine, batch: GroupBatch) -> torch.Tensor:
+    """Scores [B, K] of a batch of groups, through the engine (so ZeRO hooks run)."""
+    merchants, prompts, images = batch.candidates()
+    return engine(**model.inputs(merchants, prompts, images)).view(tuple(batch.labels.shape))
 
 
-def ranking_loss(model: PerFusionRM, engine, batch: dict[str, np.ndarray], kind: str = "pl",
+def ranking_loss(model: PerFusionRM, engine, batch: GroupBatch, kind: str = "pl",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """The RM's group ranking loss on a model batch: Plackett-Luce over graded labels, or all-pairs logistic."""
-    scores, labels = batch_scores(model, engine, batch), torch.as_tensor(batch["labels"])
+    """The RM's group ranking loss on a batch of groups: Plackett-Luce over graded labels, or all-pairs
+    logistic. The labels move to the scores' device, so the loss lives where the model does."""
+    scores = batch_scores(model, engine, batch)
+    labels = torch.as_tensor(np.asarray(batch.labels), dtype=torch.float32).to(scores.device)
     if kind == "pl":
         return plackett_luce_loss(scores, labels, generator)[0]
     return pairwise_logistic_loss(scores, labels)[0]
@@ -80,9 +83,10 @@ def _validation_gauc(model, engine, shard, batch_groups: int, threshold: float) 
     engine.eval()
     weighted = size = 0.0
     with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=batch_groups, batch_format="numpy"):
-            scores = batch_scores(model, engine, batch).float().numpy()
-            labels = batch["labels"] > threshold
+        for columns in shard.iter_batches(batch_size=batch_groups, batch_format="numpy"):
+            batch = GroupBatch.from_columns(columns)
+            scores = batch_scores(model, engine, batch).float().cpu().numpy()
+            labels = batch.labels > threshold
             groups = np.repeat(np.arange(len(labels)), labels.shape[1])
             has_both = labels.any(1) & ~labels.all(1)
             if has_both.any():
@@ -103,7 +107,7 @@ def train_loop_per_worker(loop: dict) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(rm.seed + rank)
     model = PerFusionRM(load_clip(rm.clip), RewardModelConfig.model_validate(loop["model_config"]))
-    model.merchant_encoder.fit_normalisation(MerchantBatch.from_records(loop["merchants"]))
+    model.merchant_encoder.fit_normalisation(loop["merchants"])
     planned_steps = rm.epochs * loop["steps_per_epoch"]
     strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=rm.lr, micro_batch=rm.batch_groups, bf16=rm.bf16,
                                  weight_decay=rm.weight_decay, warmup_steps=int(rm.warmup_fraction * planned_steps),
@@ -124,15 +128,16 @@ def train_loop_per_worker(loop: dict) -> None:
         waited, fetch_started = 0.0, time.perf_counter()
         source = [cache[i] for i in order_rng.permutation(len(cache))] if replay else \
             train_shard.iter_batches(batch_size=rm.batch_groups, batch_format="numpy")
-        for batch in source:
+        for item in source:
             waited += time.perf_counter() - fetch_started
+            batch = item if replay else GroupBatch.from_columns(item)
             if not replay and cache is not None:
-                cached_bytes += sum(column.nbytes for column in batch.values())
+                cached_bytes += batch.images.nbytes
                 if cached_bytes <= rm.cache_shard_mb * 2**20:
                     cache.append(batch)
                 else:
                     cache = None  # too big: stream every epoch
-            groups_trained += len(batch["labels"])
+            groups_trained += len(batch)
             loss = ranking_loss(model, engine, batch, rm.loss, generator)
             strategy.step(engine, loss)
             losses.append(loss.item())
@@ -151,6 +156,7 @@ def train_loop_per_worker(loop: dict) -> None:
             engine, state,
             {"epoch": state["epoch"], "loss": mean_loss, "val_gauc": validation, "best_val_gauc": state["best_gauc"],
              "resumed_from_epoch": resumed_from, "train_seconds": state["train_seconds"], "exported": int(improved),
+             "export_rank": export_rank(improved, state["epoch"]),
              "groups_trained": state["groups_trained"], "epoch_data_wait_seconds": waited,
              "epoch_train_seconds": train_seconds, "epoch_cpu_seconds": time.process_time() - cpu_started},
             export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None)
@@ -167,8 +173,12 @@ def early_stopping_update(best_gauc: float, stale: int, validation: float) -> tu
     return False, best_gauc, stale + 1
 
 
-def _finite_or_lowest(value) -> float:
-    return value if value is not None and math.isfinite(value) else float("-inf")
+def export_rank(exported: bool, epoch: int) -> float:
+    """The score Ray Train keeps checkpoints by: every exporting epoch above every other, later above earlier.
+    An epoch exports only when it beats every earlier one (or has no validation signal), so the latest
+    exporting checkpoint holds the best model; ranking by the validation GAUC itself let a later epoch that
+    tied the best displace the only checkpoint holding the export."""
+    return float(exported) * 1e6 + epoch
 
 
 @dataclass
@@ -181,8 +191,10 @@ class RMTrainReport:
     groups_per_second: float  # optimizer-loop throughput over all workers (no start-up, no validation)
 
 
-def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrainReport:
-    """Train, early-stop and export PerFusionRM to <rm.out>/model. See the module docstring."""
+def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str = "train",
+                       out: str | Path | None = None) -> RMTrainReport:
+    """Train, early-stop and export PerFusionRM on a split's groups to <out>/model (default out: rm.out).
+    See the module docstring."""
     import ray
     from ray.train import CheckpointConfig
 
@@ -190,22 +202,23 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
     from perfusion_ray.storage import replace_directory
 
     started = time.perf_counter()
-    layout, files = committed_group_files(config.data.root, "train")
+    layout, files = committed_group_files(config.data.root, split)
     rm = config.rm
     merchants, stat_names, train_groups = distinct_merchants(
-        files, keep=lambda request_id: not is_validation(request_id, rm.validation_fraction))
-    model_config = reward_model_config(config, stat_names, sorted(m["merchant_id"] for m in merchants))
-    out = Path(rm.out).absolute()
+        layout, files, keep=lambda request_id: not is_validation(request_id, rm.validation_fraction))
+    model_config = reward_model_config(config, stat_names, sorted(m.id for m in merchants))
+    model_config.version = "trained" if split == "train" else f"judge-{split}"
+    out = Path(out or rm.out).absolute()
     storage = out / "ray_results"
     if not resume:
         shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
     init_ray(config.cluster)
-    read = ray.data.read_parquet(files)
+    read = ray.data.read_parquet(files, filesystem=layout.filesystem)
     # Decoded once, before the workers start: streamed lazily, every epoch would re-read the parquet files
     # and re-decode every image (on the same CPUs the workers train on).
     datasets = {
-        name: read.map_batches(model_batch_for_fold, batch_format="pyarrow", fn_kwargs={
-            "store_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"}
+        name: read.map_batches(decode_fold, batch_format="pyarrow", fn_kwargs={
+            "images_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"}
         ).materialize()
         for name in ("train", "validation")
     }
@@ -214,11 +227,11 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False) -> RMTrain
         {"config": config.model_dump(mode="json"), "model_config": model_config.model_dump(), "merchants": merchants,
          "steps_per_epoch": math.ceil(train_groups / (rm.num_workers * rm.batch_groups))},
         rm, config.cluster, RUN_NAME, storage, datasets,
-        CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_gauc", checkpoint_score_order="max"))
+        CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="export_rank", checkpoint_score_order="max"))
     result = trainer.fit()
-    # Only checkpoints of improving epochs hold a model; among those the best score, then the latest epoch.
-    best = max(result.best_checkpoints, key=lambda pair: (pair[1].get("exported", 1),
-                                                          _finite_or_lowest(pair[1].get("val_gauc")), pair[1]["epoch"]))
+    if result.error:
+        raise result.error
+    best = max(result.best_checkpoints, key=lambda pair: pair[1]["export_rank"])
     with best[0].as_directory() as folder:
         exported = Path(folder) / "model"
         if not exported.is_dir():

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from perfusion_ray.errors import PerfusionError
-
-CLASS_NAMES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+from perfusion_ray.models.class_names import CLASS_NAMES  # noqa: F401 - the dataset's label names, world-wide
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_COMMAND = "sudo apt-get install -y dataset-fashion-mnist"
 _SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
