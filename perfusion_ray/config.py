@@ -284,6 +284,11 @@ class ServeConfig(Section):
     downscale_delay_s: float = Field(15.0, ge=0, description="sustained low load this long before removing one")
     look_back_period_s: float = Field(12.0, gt=0, description="window the autoscaler averages ongoing requests over; "
                                                              "Serve wants it above its 10 s metrics push interval")
+    # Health checks (both apps): how soon a dead or hung replica leaves the status and gets replaced.
+    health_check_period_s: float = Field(1.0, gt=0, description="Serve checks each replica this often; a dead one "
+                                                                "shows as unhealthy within about this long")
+    health_check_timeout_s: float = Field(10.0, gt=0, description="a replica whose check takes longer is "
+                                                                  "replaced (a hung one; fractional CPUs answer slowly)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":

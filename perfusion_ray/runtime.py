@@ -33,8 +33,13 @@ HAPROXY_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
                        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
 
 
+# Serve's HTTP proxy runs serve/proxy_middleware.py: a request whose replica died under it answers 503 +
+# Retry-After instead of a bare 500, and /-/routes asks for the bearer token when the proxy has one.
+PROXY_MIDDLEWARE_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "perfusion_ray.serve.proxy_middleware:middlewares"}
+
+
 def serve_ingress_env(ingress: str) -> dict[str, str]:
-    return dict(HAPROXY_INGRESS_ENV) if ingress == "haproxy" else {}
+    return {**PROXY_MIDDLEWARE_ENV, **(HAPROXY_INGRESS_ENV if ingress == "haproxy" else {})}
 
 
 def _has_cuda() -> bool:

@@ -43,12 +43,14 @@ class DeploymentSection(ReplicaBounds, Protocol):
 
 
 def deployment_options(config: PerfusionConfig, section: DeploymentSection, user_config: dict) -> dict:
-    """Serve deployment options: replicas from `section` (config.serve or config.design), autoscaling delays
-    and the access log from config.serve, the model in user_config."""
+    """Serve deployment options: replicas from `section` (config.serve or config.design), autoscaling delays,
+    health checks and the access log from config.serve, the model in user_config."""
     return dict(autoscaling_config=autoscaling_config(section, config.serve),
                 max_ongoing_requests=section.max_ongoing_requests,
                 ray_actor_options={"num_cpus": section.replica_cpus},
                 logging_config={"enable_access_log": config.serve.access_log},
+                health_check_period_s=config.serve.health_check_period_s,
+                health_check_timeout_s=config.serve.health_check_timeout_s,
                 user_config=user_config)
 
 
@@ -172,9 +174,14 @@ def _status(app_name: str) -> tuple[str, dict[str, str], str]:
     return str(app.status), {name: str(d.status) for name, d in app.deployments.items()}, app.message
 
 
+def _name(status: str) -> str:
+    """HEALTHY from "DeploymentStatus.HEALTHY" or "HEALTHY" (and UNHEALTHY stays UNHEALTHY)."""
+    return status.rsplit(".", 1)[-1]
+
+
 def _healthy(app_name: str) -> bool:
     status, deployments, _ = _status(app_name)
-    return status.endswith("RUNNING") and all(s.endswith("HEALTHY") for s in deployments.values())
+    return _name(status) == "RUNNING" and all(_name(s) == "HEALTHY" for s in deployments.values())
 
 
 def wait_running(app_name: str, timeout_s: float = 120.0) -> None:

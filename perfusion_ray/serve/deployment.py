@@ -22,22 +22,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from ray import serve
 
-from perfusion_ray.serve.http import (authorize, health_response, parse_object, read_body, refusal_response,
-                                      serving_host)
+from perfusion_ray.serve.batching import each_alone, unwrap
+from perfusion_ray.serve.http import authorize, health_response, read_request, serving_host
 from perfusion_ray.serve.images import array_images, decode_images
 from perfusion_ray.serve.model_store import ServedModel, VersionedReplica, load_served_model
-from perfusion_ray.serve.schemas import (MerchantFields, RewardRequestError, ScoreRequest, describe_validation_error,
-                                         reject)
+from perfusion_ray.serve.openapi import REFUSALS, ingress_api, request_body
+from perfusion_ray.serve.schemas import MerchantFields, ScoreRequest, ScoreResponse, VersionResponse, reject, validated
 from perfusion_ray.serve.security import check_bind
 
 DEPLOYMENT_NAME = "RewardModel"
 
-api = FastAPI(title="PerFusion reward model", description=__doc__.splitlines()[0])
+api = ingress_api("PerFusion reward model", __doc__.splitlines()[0], [ScoreRequest])
 
 
 @dataclass(frozen=True)
@@ -85,11 +84,11 @@ class RewardModel(VersionedReplica):
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="rm-score")
 
     # ------------------------------------------------------------ batched scoring
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
-    async def _score_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray, ServedModel]]:
+    @staticmethod
+    def _score_jobs(served: ServedModel, jobs: list[_Job]) -> list[np.ndarray]:
+        """Each job's scores from one forward pass over all their images."""
         from perfusion_ray.records import Merchant
 
-        served = self._served  # the whole batch uses, and reports, this one model
         merchants, prompts = [], []
         for job in jobs:
             n = len(job.images)
@@ -97,17 +96,23 @@ class RewardModel(VersionedReplica):
                                    job.merchant.merchant_stats)] * n
             prompts += [job.merchant.prompt] * n
         images = np.concatenate([job.images for job in jobs])
-        scores = await asyncio.get_running_loop().run_in_executor(
-            self._scorer, lambda: served.model.score(merchants, prompts, images,
-                                                     batch_size=len(images)))
+        scores = served.model.score(merchants, prompts, images, batch_size=len(images))
         out, start = [], 0
         for job in jobs:
-            out.append((scores[start:start + len(job.images)], served))
+            out.append(scores[start:start + len(job.images)])
             start += len(job.images)
         return out
 
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def _score_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray | Exception, ServedModel]]:
+        served = self._served  # the whole batch uses, and reports, this one model
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._scorer, each_alone, lambda some: self._score_jobs(served, some), jobs)
+        return [(outcome, served) for outcome in outcomes]
+
     async def _score(self, merchant: MerchantFields, images: np.ndarray) -> dict:
-        scores, served = await self._score_batch(_Job(merchant, images))
+        outcome, served = await self._score_batch(_Job(merchant, images))
+        scores = unwrap(outcome)  # a request that breaks the model fails alone, not its batch
         return {"scores": scores, "model_version": served.version,
                 "merchant_path": served.merchant_path(merchant.merchant_id)}
 
@@ -120,10 +125,7 @@ class RewardModel(VersionedReplica):
     async def score(self, prompt: str, images, merchant: dict | None = None) -> dict:
         """Same checks as HTTP except the token (the cluster is the trust boundary). images: uint8 arrays
         [N, H, W, 3] or a list of arrays / PNG bytes. Raises RewardRequestError."""
-        try:
-            fields = MerchantFields.model_validate({**(merchant or {}), "prompt": prompt})
-        except ValidationError as exc:
-            raise reject(422, "invalid_request", describe_validation_error(exc)) from None
+        fields = validated(MerchantFields, {**(merchant or {}), "prompt": prompt})
         self._check_count(len(images))
         arrays = array_images(images, self._served.image_size, self.limits.image_policy, self.limits.max_image_side)
         return await self._score(fields, arrays)
@@ -133,35 +135,21 @@ class RewardModel(VersionedReplica):
         return {"model_version": served.version, "model_dir": served.model_dir, "image_size": served.image_size}
 
     # ------------------------------------------------------------ HTTP
-    async def _http_score(self, request: Request) -> dict:
-        authorize(request, self.token)
-        payload = parse_object(await read_body(request, self.limits.max_body_bytes, "serve.max_body_bytes"))
-        if isinstance(payload.get("images"), list):
-            self._check_count(len(payload["images"]))  # before decoding anything
-        try:
-            parsed = ScoreRequest.model_validate(payload)
-        except ValidationError as exc:
-            raise reject(422, "invalid_request", describe_validation_error(exc)) from None
+    @api.post("/v1/score", openapi_extra=request_body(ScoreRequest),
+              responses={200: {"model": ScoreResponse}, **REFUSALS})
+    async def http_score(self, request: Request) -> JSONResponse:
+        parsed = await read_request(request, ScoreRequest, self.token, self.limits.max_body_bytes,
+                                    "serve.max_body_bytes")
+        self._check_count(len(parsed.images))  # before decoding anything
         images = decode_images(parsed.images, self._served.image_size, self.limits.image_policy,
                                self.limits.max_image_side)
-        fields = MerchantFields.model_validate(parsed.model_dump(exclude={"images"}))
-        return await self._score(fields, images)
-
-    @api.post("/v1/score")
-    async def http_score(self, request: Request) -> JSONResponse:
-        try:
-            result = await self._http_score(request)
-        except RewardRequestError as exc:
-            return refusal_response(exc)
+        result = await self._score(parsed, images)  # a ScoreRequest is the MerchantFields plus the images
         result["scores"] = result["scores"].tolist()
         return JSONResponse(result)
 
-    @api.get("/v1/version")
+    @api.get("/v1/version", responses={200: {"model": VersionResponse}, 401: REFUSALS[401]})
     async def http_version(self, request: Request) -> JSONResponse:
-        try:
-            authorize(request, self.token)
-        except RewardRequestError as exc:
-            return refusal_response(exc)
+        authorize(request, self.token)
         return JSONResponse(self.version())
 
     @api.get("/healthz")

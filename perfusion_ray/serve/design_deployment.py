@@ -27,26 +27,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import ValidationError
 from ray import serve
 
 from perfusion_ray.serve.design_feedback import DesignStore
 from perfusion_ray.serve.design_limits import RateLimiter
 from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, FeedbackRequest
-from perfusion_ray.serve.http import (authorize, health_response, parse_object, read_body, refusal_response,
-                                      serving_host)
+from perfusion_ray.serve.batching import each_alone, unwrap
+from perfusion_ray.serve.http import authorize, health_response, read_request, refusal_response, serving_host
 from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
 from perfusion_ray.records import Merchant
-from perfusion_ray.serve.schemas import RewardRequestError, describe_validation_error, reject
+from perfusion_ray.serve.openapi import REFUSALS, Refusal, ingress_api, request_body
+from perfusion_ray.serve.schemas import RewardRequestError, reject, validated
 from perfusion_ray.serve.security import check_bind
 
 DEPLOYMENT_NAME = "DesignModel"
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 LOCK_STRIPES = 64
 
-api = FastAPI(title="PerFusion design endpoint", description=__doc__.splitlines()[0])
+api = ingress_api("PerFusion design endpoint", __doc__.splitlines()[0], [DesignRequest, FeedbackRequest])
 
 
 @dataclass(frozen=True)
@@ -170,10 +170,11 @@ class DesignModel(VersionedReplica):
         return out
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
-    async def _generate_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray, Served]]:
+    async def _generate_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray | Exception, Served]]:
         served = self._served  # the whole batch uses, and reports, this one policy
-        images = await asyncio.get_running_loop().run_in_executor(self._generator, self._run, served, jobs)
-        return [(group, served) for group in images]
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._generator, each_alone, lambda some: self._run(served, some), jobs)
+        return [(outcome, served) for outcome in outcomes]
 
     # ------------------------------------------------------------ designs
     def _sizes(self, request: DesignRequest) -> tuple[int, int]:
@@ -213,7 +214,8 @@ class DesignModel(VersionedReplica):
                                               f"(design.rate_limit_per_minute); retry in {wait:.1f}s", wait)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         merchant = request.merchant.as_merchant()
-        images, served = await self._generate_batch(_Job(merchant, request.prompt, n, seed))
+        outcome, served = await self._generate_batch(_Job(merchant, request.prompt, n, seed))
+        images = unwrap(outcome)  # a request that breaks the pipeline fails alone, not its batch
         scores, reward_version = None, None
         if n > k:
             order, scores, reward_version = await self._rank(request, images, k)
@@ -239,20 +241,13 @@ class DesignModel(VersionedReplica):
             result = await asyncio.to_thread(self.store.append_feedback, record, events)
         return {"request_id": result.request_id, "accepted": result.accepted, "duplicates": result.duplicates}
 
-    @staticmethod
-    def _parse(model, payload: dict):
-        try:
-            return model.model_validate(payload)
-        except ValidationError as exc:
-            raise reject(422, "invalid_request", describe_validation_error(exc)) from None
-
     # ------------------------------------------------------------ handle path (in-cluster callers)
     async def design(self, request: dict) -> dict:
         """Same checks as HTTP except the bearer token; candidates carry PNG bytes. Raises RewardRequestError."""
-        return await self._design(self._parse(DesignRequest, request))
+        return await self._design(validated(DesignRequest, request))
 
     async def feedback(self, request: dict) -> dict:
-        return await self._feedback(self._parse(FeedbackRequest, request))
+        return await self._feedback(validated(FeedbackRequest, request))
 
     def version(self) -> dict:
         served = self._served
@@ -264,21 +259,21 @@ class DesignModel(VersionedReplica):
 
     # ------------------------------------------------------------ HTTP
     async def _http(self, request: Request, model, handler) -> JSONResponse:
-        try:
-            authorize(request, self.token)
-            payload = parse_object(await read_body(request, self.settings.max_body_bytes, "design.max_body_bytes"))
-            result = await handler(self._parse(model, payload))
-        except RewardRequestError as exc:
-            return refusal_response(exc)
+        parsed = await read_request(request, model, self.token, self.settings.max_body_bytes, "design.max_body_bytes")
+        result = await handler(parsed)
         for candidate in result.get("candidates", []):
             candidate["image"] = base64.b64encode(candidate["image"]).decode("ascii")
         return JSONResponse(result)
 
-    @api.post("/v1/designs")
+    @api.post("/v1/designs", openapi_extra=request_body(DesignRequest),
+              responses={**REFUSALS, 429: {"model": Refusal, "description": "this merchant is over its rate"}})
     async def http_designs(self, request: Request) -> JSONResponse:
         return await self._http(request, DesignRequest, self._design)
 
-    @api.post("/v1/feedback")
+    @api.post("/v1/feedback", openapi_extra=request_body(FeedbackRequest),
+              responses={**REFUSALS, **{status: {"model": Refusal, "description": text} for status, text in (
+                  (403, "the token is not this request's"), (404, "no such request"),
+                  (409, "an event id stored before with other content"))}})
     async def http_feedback(self, request: Request) -> JSONResponse:
         return await self._http(request, FeedbackRequest, self._feedback)
 

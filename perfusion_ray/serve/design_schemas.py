@@ -22,11 +22,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from perfusion_ray.records import Merchant
-from perfusion_ray.serve.schemas import MAX_MERCHANT_FEATURES, MAX_PROMPT_CHARS, FiniteFloat
+from perfusion_ray.serve.fields import FiniteFloat, Text, WholeNumber
+from perfusion_ray.serve.schemas import MAX_MERCHANT_FEATURES, MAX_PROMPT_CHARS, MerchantFeatures, MerchantStats
 
 # The ingest's id rule (data/validation.py ID_PATTERN) less "/", which joins request and client event ids.
 MERCHANT_ID_PATTERN = r"^[A-Za-z0-9._:@+=-]{1,128}$"
 CLIENT_EVENT_ID_PATTERN = r"^[A-Za-z0-9._:@+=-]{1,64}$"
+# What POST /v1/designs issues (design_feedback.py): a request id, and its token (secrets.token_urlsafe).
+REQUEST_ID_PATTERN = r"^d[0-9a-f]{32}$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,256}$"
 FeedbackType = Literal["select", "click", "order", "return"]
 FEEDBACK_TYPES: tuple[str, ...] = FeedbackType.__args__
 
@@ -37,8 +41,10 @@ class _Strict(BaseModel):
 
 class MerchantIn(_Strict):
     id: str = Field(..., pattern=MERCHANT_ID_PATTERN, description="the merchant's id (unseen ids: cold start)")
-    features: dict[str, str] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES)
-    stats: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES)
+    features: MerchantFeatures = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
+                                       description="observable categorical side features")
+    stats: MerchantStats = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
+                                 description="observable numeric side features (finite numbers)")
 
     def as_merchant(self) -> Merchant:
         return Merchant(self.id, dict(self.features), dict(self.stats))
@@ -46,22 +52,24 @@ class MerchantIn(_Strict):
 
 class DesignRequest(_Strict):
     merchant: MerchantIn
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
-    k: int | None = Field(None, ge=1, description="candidates returned; default data.group_size")
-    n: int | None = Field(None, ge=1, description="images generated (best-of-n, n >= k); default design.best_of_n")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed, model and request: same images")
+    prompt: Text = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    k: WholeNumber | None = Field(None, ge=1, description="candidates returned; default data.group_size")
+    n: WholeNumber | None = Field(None, ge=1, description="images generated (best-of-n, n >= k); default "
+                                                          "design.best_of_n")
+    seed: WholeNumber | None = Field(None, ge=0, lt=2**63, description="same seed, model and request: same images "
+                                                                      "(a resend with its seed is safe to retry)")
 
 
 class FeedbackEventIn(_Strict):
     event_id: str = Field(..., pattern=CLIENT_EVENT_ID_PATTERN, description="idempotency key within the request")
     type: FeedbackType
-    position: int = Field(..., ge=0)
+    position: WholeNumber = Field(..., ge=0)
     value: FiniteFloat = Field(1.0, ge=0, description="e.g. an order amount; 1 when the event has no magnitude")
 
 
 class FeedbackRequest(_Strict):
-    request_id: str = Field(..., min_length=1, max_length=128)
-    token: str = Field(..., min_length=1, max_length=256)
+    request_id: str = Field(..., pattern=REQUEST_ID_PATTERN, description="as POST /v1/designs returned it")
+    token: str = Field(..., pattern=TOKEN_PATTERN, description="the token POST /v1/designs returned with it")
     events: list[FeedbackEventIn] = Field(..., min_length=1)
 
 

@@ -12,41 +12,41 @@ Unknown fields are refused (422), so a typo in a field name never silently drops
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from perfusion_ray.serve.fields import FeatureValue, FiniteFloat, Key, Text
 
 MerchantPath = Literal["known", "cold_start", "no_merchant"]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 MAX_PROMPT_CHARS = 2000
 MAX_MERCHANT_FEATURES = 32
+MAX_MERCHANT_ID_CHARS = 256
 
-
-class ScoreRequest(BaseModel):
-    """POST /v1/score body. images: base64 PNG strings (standard alphabet, padding required)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    merchant_id: str | None = Field(None, max_length=256, description="absent: no merchant (cold start, no id)")
-    merchant_features: dict[str, str] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
-                                              description="observable categorical side features")
-    merchant_stats: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
-                                                   description="observable numeric side features")
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
-    images: list[str] = Field(..., min_length=1, description="base64-encoded PNG files")
+MerchantFeatures = dict[Key, FeatureValue]
+MerchantStats = dict[Key, FiniteFloat]
 
 
 class MerchantFields(BaseModel):
-    """The merchant part of a request, validated the same way on the handle path."""
+    """The merchant and prompt of a score request; the handle path validates exactly these."""
 
     model_config = ConfigDict(extra="forbid")
 
-    merchant_id: str | None = Field(None, max_length=256)
-    merchant_features: dict[str, str] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES)
-    merchant_stats: dict[str, FiniteFloat] = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES)
-    prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
+    merchant_id: Text | None = Field(None, max_length=MAX_MERCHANT_ID_CHARS,
+                                     description="absent: no merchant (cold start, no id)")
+    merchant_features: MerchantFeatures = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
+                                                description="observable categorical side features")
+    merchant_stats: MerchantStats = Field(default_factory=dict, max_length=MAX_MERCHANT_FEATURES,
+                                          description="observable numeric side features (finite numbers)")
+    prompt: Text = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ScoreRequest(MerchantFields):
+    """POST /v1/score body. images: base64 PNG strings (standard alphabet, padding required)."""
+
+    images: list[str] = Field(..., min_length=1, description="base64-encoded PNG files")
 
 
 class ScoreResponse(BaseModel):
@@ -97,6 +97,14 @@ class RewardRequestError(Exception):
 
 def reject(status: int, kind: str, reason: str, retry_after_s: float | None = None) -> RewardRequestError:
     return RewardRequestError(status, kind, reason, retry_after_s)
+
+
+def validated(model: type[BaseModel], payload):
+    """`payload` as a `model`, or 422 invalid_request naming every field that is wrong."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise reject(422, "invalid_request", describe_validation_error(exc)) from None
 
 
 def describe_validation_error(exc) -> str:
