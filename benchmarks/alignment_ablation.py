@@ -52,10 +52,10 @@ def table(rows: list[dict]) -> str:
         m = row["metrics"]
         lines.append(" | ".join([
             row["run"],
-            f"{m['align.utility.aligned.seen'] - m['align.utility.base.seen']:+.4f}",
-            f"{m['align.utility.aligned.cold'] - m['align.utility.base.cold']:+.4f}",
-            f"{m['align.win_rate.seen']:.1%}", f"{m['align.win_rate.cold']:.1%}",
-            f"{m['align.personalization']:+.4f} (base {m['align.personalization.base']:+.4f})",
+            f"{m['align.oracle.utility.aligned.seen'] - m['align.oracle.utility.base.seen']:+.4f}",
+            f"{m['align.oracle.utility.aligned.cold'] - m['align.oracle.utility.base.cold']:+.4f}",
+            f"{m['align.oracle.win_rate.seen']:.1%}", f"{m['align.oracle.win_rate.cold']:.1%}",
+            f"{m['align.oracle.personalization']:+.4f} (base {m['align.oracle.personalization.base']:+.4f})",
             f"{m['align.fidelity.class_acc']:.1%} (base {m['align.fidelity.class_acc.base']:.1%})",
             f"{row['train_s']:.0f}", f"{row['passes']:.1f}"]))
     return "\n".join(lines)

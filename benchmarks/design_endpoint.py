@@ -79,8 +79,8 @@ def pipeline_dir(given: Path | None, config: PerfusionConfig, out: Path) -> Path
         import torch
 
         from perfusion_ray.models.base import load_base
-        from perfusion_ray.models.merchant_encoder import MerchantBatch
         from perfusion_ray.models.policy import build_policy, policy_pipeline
+        from perfusion_ray.records import Merchant
         from perfusion_ray.serve.design_app import page_merchants
 
         torch.manual_seed(0)
@@ -88,7 +88,7 @@ def pipeline_dir(given: Path | None, config: PerfusionConfig, out: Path) -> Path
                    for m in page_merchants(config, config.world.num_merchants)]
         base = load_base(config.policy.base)
         policy = build_policy(base.unet, config.policy, stat_names=tuple(sorted(records[0]["merchant_stats"])),
-                              merchants=MerchantBatch.from_records(records))
+                              merchants=[Merchant.coerce(r) for r in records])
         policy_pipeline(base, policy).save_pretrained(str(out / "pipeline"))
         return out / "pipeline"
 

@@ -18,29 +18,27 @@ import torch
 
 from perfusion_ray.runtime import machine
 from perfusion_ray.config import load_config
-from perfusion_ray.data.group_examples import candidate_rows, read_groups, to_model_batch
+from perfusion_ray.data.group_examples import load_groups
 from perfusion_ray.data.store import StoreLayout
 from perfusion_ray.models.clip_towers import load_clip
-from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig
 from perfusion_ray.objectives import plackett_luce_loss
+from perfusion_ray.records import Merchant
 
 
 def plain_pytorch_groups_per_second(config, epochs: int) -> float:
     """The same model, loss and batch size in one process with torch AdamW (all threads)."""
-    layout = StoreLayout(config.data.root, "train")
-    batch = to_model_batch(read_groups(config.data.root, "train"), layout.images_uri)
+    batch = load_groups(StoreLayout(config.data.root, "train"))
     model = PerFusionRM(load_clip(config.rm.clip), RewardModelConfig(towers=config.rm.towers, plugin=True))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.rm.lr)
-    size = len(batch["labels"])
+    size = len(batch)
     step = config.rm.batch_groups * config.rm.num_workers  # the same global batch as the Ray run
     started = time.perf_counter()
     for _ in range(epochs):
         for start in range(0, size, step):
-            part = {name: column[start:start + step] for name, column in batch.items()}
-            merchants, prompts, images = candidate_rows(part)
-            inputs = model.inputs(MerchantBatch.from_records(merchants), prompts, images)
-            labels = torch.as_tensor(part["labels"])
+            part = batch.take(range(start, min(start + step, size)))
+            inputs = model.inputs(*part.candidates())
+            labels = torch.as_tensor(part.labels)
             loss, _ = plackett_luce_loss(model(**inputs).view(labels.shape), labels)
             optimizer.zero_grad()
             loss.backward()
@@ -51,10 +49,9 @@ def plain_pytorch_groups_per_second(config, epochs: int) -> float:
 def scoring_images_per_second(batch_size: int, images: int = 256) -> float:
     model = PerFusionRM(load_clip(), RewardModelConfig()).eval()
     pixels = np.random.default_rng(0).integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
-    merchants = MerchantBatch(["m0"] * images, [{"region": "south"}] * images, [{}] * images)
+    merchants = [Merchant("m0", {"region": "south"})] * images
     prompts = ["a dark red dress"] * images
-    warm = MerchantBatch(merchants.ids[:8], merchants.features[:8], merchants.stats[:8])
-    model.score(warm, prompts[:8], pixels[:8])  # the first CPU forward pays a one-off warm-up
+    model.score(merchants[:8], prompts[:8], pixels[:8])  # the first CPU forward pays a one-off warm-up
     started = time.perf_counter()
     model.score(merchants, prompts, pixels, batch_size=batch_size)
     return images / (time.perf_counter() - started)

@@ -80,13 +80,13 @@ class InProcess:
 
     def images_per_second(self, workload: Workload, repeats: int = 2) -> float:
         """Best of `repeats` passes over every image of the workload."""
-        from perfusion_ray.models.merchant_encoder import MerchantBatch
+        from perfusion_ray.records import Merchant
 
         k = workload.images_per_request
-        merchants = MerchantBatch.from_records([f for f in workload.merchants for _ in range(k)])
+        merchants = [Merchant.coerce(f) for f in workload.merchants for _ in range(k)]
         prompts = [p for p in workload.prompts for _ in range(k)]
         images = np.concatenate(workload.images)
-        self.model.score(MerchantBatch(merchants.ids[:8], merchants.features[:8], merchants.stats[:8]), prompts[:8],
+        self.model.score(merchants[:8], prompts[:8],
                          images[:8])  # warm-up
         best = 0.0
         for _ in range(repeats):

@@ -120,26 +120,34 @@ def _baseline_config(config: PerfusionConfig) -> PerfusionConfig:
 
 
 def cmd_rm_train(args: argparse.Namespace) -> int:
+    from perfusion_ray.evaluation.judge import judge_dir
     from perfusion_ray.train.reward_model import train_reward_model
 
     config = _config(args)
-    runs = [config] + ([_baseline_config(config)] if args.with_baseline else [])
-    for run_config in runs:
-        report = train_reward_model(run_config, resume=args.resume)
-        kind = "PerFusionRM" if run_config.rm.plugin else "plug-in-off baseline"
+    runs = [("PerFusionRM", config, "train", None)]
+    if args.with_baseline:
+        runs.append(("plug-in-off baseline", _baseline_config(config), "train", None))
+    if args.judge:  # the judge trains on held-out feedback only (evaluation/judge.py)
+        runs = ([] if args.judge_only else runs) + [("judge (holdout split)", config, "holdout", judge_dir(config).parent)]
+    for kind, run_config, split, out in runs:
+        report = train_reward_model(run_config, resume=args.resume, split=split, out=out)
         print(f"{kind}: best validation GAUC {report.best_val_gauc:.3f} after {report.epochs} epoch(s), "
               f"{report.seconds:.0f}s; exported to {report.model_dir}")
     return 0
 
 
 def cmd_rm_eval(args: argparse.Namespace) -> int:
+    from perfusion_ray.environment import build_environment
     from perfusion_ray.evaluation.reward_model import evaluate_reward_models
+    from perfusion_ray.models.reward_model import load_reward_model
     from perfusion_ray.storage import atomic_write_json
 
     config = _config(args)
     model_dir = args.model or Path(config.rm.out) / "model"
+    load_reward_model(model_dir)  # a missing or broken model is one line, before anything is loaded
     baseline = args.baseline or Path(_baseline_config(config).rm.out) / "model"
-    evaluation = evaluate_reward_models(config, model_dir, baseline if baseline.is_dir() else None)
+    evaluation = evaluate_reward_models(config, model_dir, baseline if baseline.is_dir() else None,
+                                        build_environment(config).oracle)
     rows = []
     for scorer, subsets in evaluation.table.items():
         for subset in ("seen", "cold"):
@@ -147,10 +155,13 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
             rows.append((f"{scorer} ({subset})", f"{m['gauc']:.3f}", f"{m['map']:.3f}", f"{m['auc']:.3f}",
                          f"{m['logloss']:.3f}"))
     print(_table(rows, ("held-out groups", "GAUC", "MAP", "AUC", "logloss")))
-    oracle = evaluation.table["oracle"]
     rm = evaluation.table["perfusion_rm"]
-    print(f"\nPerFusionRM / oracle ceiling: seen {rm['seen']['gauc'] / oracle['seen']['gauc']:.1%}, "
-          f"cold {rm['cold']['gauc'] / oracle['cold']['gauc']:.1%}  (groups with P and N: {evaluation.groups})")
+    print(f"\ngroups with P and N: seen {evaluation.groups['seen']}, cold start {evaluation.groups['cold']} "
+          f"(cold start: merchants absent from the train split's groups)")
+    if "oracle" in evaluation.table:
+        oracle = evaluation.table["oracle"]
+        print(f"PerFusionRM / oracle ceiling: seen {rm['seen']['gauc'] / oracle['seen']['gauc']:.1%}, "
+              f"cold {rm['cold']['gauc'] / oracle['cold']['gauc']:.1%}")
     if "oracle_side_features" in evaluation.table:
         side = evaluation.table["oracle_side_features"]
         print(f"PerFusionRM / side-feature oracle (E[taste | observable features], perfect attributes): seen "
@@ -197,25 +208,43 @@ def cmd_align_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def alignment_rows(metrics: dict) -> list[tuple]:
+    """One row per judge and split: utilities, win rate with its interval, personalization."""
+    from perfusion_ray.evaluation.alignment import win_rate_text
+
+    rows = []
+    for by in ("oracle", "judge"):
+        for split, suffix in (("all", ""), ("seen", ".seen"), ("cold", ".cold")):
+            key = f"align.{by}"
+            if f"{key}.win_rate{suffix}" not in metrics:
+                continue
+            rows.append((f"{by}: {split}", f"{metrics[f'{key}.utility.base{suffix}']:.3f}",
+                         f"{metrics[f'{key}.utility.aligned{suffix}']:.3f}", win_rate_text(metrics, suffix, by),
+                         f"{metrics[f'{key}.personalization.base{suffix}']:+.3f}",
+                         f"{metrics[f'{key}.personalization{suffix}']:+.3f}"))
+    return rows
+
+
+ALIGNMENT_HEADER = ("judged by: held-out requests", "utility base", "utility aligned", "win rate (95% interval)",
+                    "personalization base", "personalization aligned")
+
+
 def cmd_align_eval(args: argparse.Namespace) -> int:
-    from perfusion_ray.evaluation.alignment import evaluate_alignment, win_rate_text
+    from perfusion_ray.evaluation.alignment import evaluate_alignment
 
     config = _config(args)
     pipeline_dir = args.pipeline or Path(config.align.out) / "pipeline"
     out = args.out or Path(config.align.out) / "eval"
-    metrics = evaluate_alignment(config, pipeline_dir, out).metrics
-    rows = []
-    for split, suffix in (("all", ""), ("seen", ".seen"), ("cold", ".cold")):
-        rows.append((split, f"{metrics[f'align.utility.base{suffix}']:.3f}",
-                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", win_rate_text(metrics, suffix),
-                     f"{metrics[f'align.personalization.base{suffix}']:+.3f}",
-                     f"{metrics[f'align.personalization{suffix}']:+.3f}"))
-    print(_table(rows, ("held-out requests", "utility base", "utility aligned", "win rate (95% interval)",
-                        "personalization base", "personalization aligned")))
-    print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} base -> "
-          f"{metrics['align.fidelity.class_acc']:.1%} aligned; colour accuracy "
-          f"{metrics.get('align.fidelity.colour_acc.base', float('nan')):.1%} -> "
-          f"{metrics.get('align.fidelity.colour_acc', float('nan')):.1%}")
+    metrics = evaluate_alignment(config, pipeline_dir, out, judge_dir=args.judge).metrics
+    print(_table(alignment_rows(metrics), ALIGNMENT_HEADER))
+    if "align.agreement.rank_correlation" in metrics:
+        print(f"\njudge vs oracle: rank correlation of per-request gains "
+              f"{metrics['align.agreement.rank_correlation']:+.2f}; win rate difference (judge - oracle) "
+              f"{metrics.get('align.agreement.win_rate_difference', float('nan')):+.1%}")
+    fidelity = [f"{name.split('.')[-1]} {metrics[name + '.base']:.1%} base -> {metrics[name]:.1%} aligned"
+                for name in sorted(metrics) if name.startswith("align.fidelity.") and name + ".base" in metrics]
+    if fidelity:
+        print("fidelity: " + "; ".join(fidelity))
     print(f"metrics: {out / 'metrics.json'}; base vs aligned grid: {out / 'grid.png'}")
     return 0
 
@@ -233,11 +262,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from perfusion_ray.demo import run_demo
 
     metrics = run_demo(_config(args), quick=args.quick, out=args.out, through_endpoints=args.through_endpoints)
+    from perfusion_ray.evaluation.alignment import win_rate_text
+
     rows = [(split, f"{metrics[f'rm.gauc.{split}']:.3f}", f"{metrics[f'rm.gauc.oracle' + ('' if split == 'seen' else '.cold')]:.3f}",
-             f"{metrics[f'align.utility.base.{split}']:.3f}", f"{metrics[f'align.utility.aligned.{split}']:.3f}",
-             f"{metrics[f'align.win_rate.{split}']:.1%}") for split in ("seen", "cold")]
+             f"{metrics[f'align.oracle.utility.base.{split}']:.3f}", f"{metrics[f'align.oracle.utility.aligned.{split}']:.3f}",
+             win_rate_text(metrics, f".{split}", "oracle"),
+             win_rate_text(metrics, f".{split}", "judge") if f"align.judge.win_rate.{split}" in metrics else "-")
+            for split in ("seen", "cold")]
     print()
-    print(_table(rows, ("merchants", "RM GAUC", "oracle GAUC", "utility base", "utility aligned", "win rate")))
+    print(_table(rows, ("merchants", "RM GAUC", "oracle GAUC", "utility base", "utility aligned",
+                        "win rate (oracle)", "win rate (judge)")))
     print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} -> "
           f"{metrics['align.fidelity.class_acc']:.1%}; demo took {metrics['demo.seconds'] / 60:.1f} min")
     if args.through_endpoints:
@@ -300,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = rm.add_parser("train", parents=[common], help="PerFusionRM on Ray Train + DeepSpeed")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of rm.out")
     p.add_argument("--with-baseline", action="store_true", help="also train the plug-in-off baseline")
+    p.add_argument("--judge", action="store_true", help="also train the judge: an RM on the holdout split's "
+                                                        "feedback alone, for evaluation without an oracle "
+                                                        "(<rm.out>/judge/model)")
+    p.add_argument("--judge-only", action="store_true", help="with --judge: train the judge and nothing else")
     p.set_defaults(handler=cmd_rm_train)
     p = rm.add_parser("eval", parents=[common], help="GAUC/MAP/AUC/logloss against baselines and the oracle")
     p.add_argument("--model", type=Path, help="exported RM directory (default <rm.out>/model)")
@@ -317,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="on the logged group examples of the train split")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of align.out")
     p.set_defaults(handler=cmd_align_train)
-    p = align.add_parser("eval", parents=[common], help="base vs aligned on held-out requests (oracle utility)")
+    p = align.add_parser("eval", parents=[common], help="base vs aligned on held-out requests (oracle and judge)")
     p.add_argument("--pipeline", type=Path, help="exported PerFusionPipeline (default <align.out>/pipeline)")
     p.add_argument("--out", type=Path, help="folder for metrics.json and grid.png (default <align.out>/eval)")
+    p.add_argument("--judge", type=Path, help="judge RM directory (default <rm.out>/judge/model when it exists)")
     p.set_defaults(handler=cmd_align_eval)
 
     p = commands.add_parser("serve", parents=[common], help="the reward model, or (--app design) the design "

@@ -107,6 +107,7 @@ class RoundController:
                                rm_version=rm_version, history=state.history + [metrics])
         self.group.call("checkpoint", new_state, metrics, final)
         self.state = new_state
+        self.sink.record_requests(r, plan.requests)
         self.sink.record(metrics)
 
     def _monitor(self, groups) -> dict[str, float]:

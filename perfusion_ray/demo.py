@@ -120,7 +120,7 @@ class EndpointFeed:
         from perfusion_ray.serve import design_app
         from perfusion_ray.serve.apps import deploy
         from perfusion_ray.serve.design_client import DesignClient
-        from perfusion_ray.serve.fashionworld_client import EndpointMerchants
+        from perfusion_ray.world.endpoint_merchants import EndpointMerchants
 
         folder = self.out / "design"
         start_reward_endpoint(self.config, rm_dir)
@@ -186,6 +186,7 @@ def _showcase_grid(config: PerfusionConfig, pipeline_dir: Path, world) -> tuple[
     from perfusion_ray.models.pipeline import PerFusionPipeline
     from perfusion_ray.evaluation.alignment import same_prompt_grid
     from perfusion_ray.world.catalogue import prompt_text
+    from perfusion_ray.world.environment import world_merchant
 
     population = world.merchants
     picked, segments = [], set()
@@ -196,8 +197,7 @@ def _showcase_grid(config: PerfusionConfig, pipeline_dir: Path, world) -> tuple[
                 picked.append(int(i))
             if len(picked) >= 3 + 3 * cold:
                 break
-    records = [{"merchant_id": population.ids[i], "merchant_features": dict(population.features[i]),
-                "merchant_stats": dict(population.stats[i])} for i in picked]
+    records = [world_merchant(world, i) for i in picked]
     focus = int(population.category_probs[picked].sum(0).argmax())
     prompt = prompt_text(focus)
     pipeline = PerFusionPipeline.from_pretrained(str(pipeline_dir))
@@ -262,7 +262,9 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
     from perfusion_ray.report import ReportInputs, write_report
     from perfusion_ray.runtime import machine
     from perfusion_ray.storage import atomic_write_json, replace_directory
+    from perfusion_ray.evaluation.judge import judge_dir
     from perfusion_ray.train.reward_model import train_reward_model
+    from perfusion_ray.world.environment import fashionworld_environment
     from perfusion_ray.world.simulator import build_world
 
     started = time.perf_counter()
@@ -276,13 +278,15 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
     with stages.stage("simulate", "simulate FashionWorld"):
         fresh_store(config, out)
         world = build_world(config)
+        environment = fashionworld_environment(config, world)
         ceilings = simulate_before_the_loop(config, world)
     with stages.stage("ingest", "ingest (Ray Data)"):
         ingest_both_splits(config)
-    with stages.stage("rm_train", "train the reward model (Ray Train + DeepSpeed)"):
+    with stages.stage("rm_train", "train the reward model and the judge (Ray Train + DeepSpeed)"):
         rm_report = train_reward_model(config)
+        train_reward_model(config, split="holdout", out=judge_dir(config).parent)
     with stages.stage("rm_eval", "evaluate the reward model"):
-        evaluation = evaluate_reward_models(config, rm_report.model_dir, None)
+        evaluation = evaluate_reward_models(config, rm_report.model_dir, None, environment.oracle)
         metrics.update(evaluation.flat_metrics())
     feed = EndpointFeed(config, world, out) if through_endpoints else \
         LiveFeed(config, world, live_hours(config), config.online.live_interval_s)
@@ -294,7 +298,7 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
         finally:
             metrics.update(feed.end())
     with stages.stage("align_eval", "evaluate base vs aligned on held-out requests"):
-        alignment = evaluate_alignment(config, online.pipeline_dir, out / "eval")
+        alignment = evaluate_alignment(config, online.pipeline_dir, out / "eval", environment=environment)
         metrics.update(alignment.metrics)
         grids = dict([_showcase_grid(config, online.pipeline_dir, world)])
         grids["held-out requests: K base images | K aligned images per row (seen merchants, then cold-start)"] = \
@@ -303,7 +307,8 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
         replace_directory(online.pipeline_dir, out / "pipeline")
         metrics.update({"online.rounds": float(online.rounds), "online.fresh_partitions": float(len(online.consumed_partitions)),
                         "world.oracle_gauc.train": ceilings["train"], "world.oracle_gauc.holdout": ceilings["holdout"]})
-        metrics.update({f"online.{key}.last": float(online.history[-1][key]) for key in ("rm_reward", "oracle_utility")})
+        metrics.update({f"online.{key}.last": float(online.history[-1][key]) for key in ("rm_reward", "oracle_utility")
+                        if key in online.history[-1]})
         metrics.update({f"demo.seconds.{key}": s for key, s in stages.seconds.items()})
         metrics["demo.seconds"] = time.perf_counter() - started
         notes = [f"{config.world.num_merchants} merchants ({int(world.merchants.cold_start.sum())} cold-start), "

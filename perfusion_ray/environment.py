@@ -93,6 +93,26 @@ def build_environment(config: PerfusionConfig) -> Environment:
     return environment
 
 
+def offered_merchants(config: PerfusionConfig, limit: int) -> list[tuple[Merchant, bool]]:
+    """Up to `limit` merchants a merchant page offers, each with whether it is new (cold start): the world's
+    merchants when the config has a world, else the store's (those of its train groups, then the holdout
+    split's others, which are new)."""
+    if config.world is not None:
+        from perfusion_ray.world.environment import population_merchants
+
+        return population_merchants(config)[:limit]
+    from perfusion_ray.data.group_examples import distinct_merchants
+    from perfusion_ray.data.store import StoreLayout
+
+    offered: dict[str, tuple[Merchant, bool]] = {}
+    for split in ("train", "holdout"):
+        layout = StoreLayout(config.data.root, split)
+        merchants, _, _ = distinct_merchants(layout, layout.output_files("groups"))
+        for merchant in merchants:
+            offered.setdefault(merchant.id, (merchant, split == "holdout"))
+    return list(offered.values())[:limit]
+
+
 def simulate(config: PerfusionConfig, split: str):
     """`perfusion world simulate`: the world's feedback for one split into the store."""
     require_world(config, "perfusion world simulate")

@@ -105,3 +105,23 @@ def wilson_interval(rate: float, count: int, z: float = 1.96) -> tuple[float, fl
     centre = (rate + z2n / 2) / (1 + z2n)
     half = z * np.sqrt(rate * (1 - rate) / count + z2n / (4 * count)) / (1 + z2n)
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two 1-D arrays (ties take their average rank); NaN when either is
+    constant or shorter than 2."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs arrays of one length, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return float("nan")
+    zeros = np.zeros(len(a))
+    ranks = []
+    for values in (a, b):
+        order, rank = _tie_averaged_ranks(zeros, values)
+        ranked = np.empty(len(values))
+        ranked[order] = rank
+        ranks.append(ranked)
+    if ranks[0].std() == 0 or ranks[1].std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])

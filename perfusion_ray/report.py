@@ -72,16 +72,18 @@ def _alignment_rows(metrics: dict) -> list[tuple[str, str, str, str, str]]:
     from perfusion_ray.evaluation.alignment import win_rate_text
 
     rows = []
-    for split, suffix in (("seen merchants", ".seen"), ("cold-start merchants", ".cold")):
-        rows.append((split, f"{metrics[f'align.utility.base{suffix}']:.3f}",
-                     f"{metrics[f'align.utility.aligned{suffix}']:.3f}", win_rate_text(metrics, suffix),
-                     f"{metrics.get(f'align.personalization{suffix}', float('nan')):+.3f}"))
+    for by in ("oracle", "judge"):
+        for split, suffix in (("seen merchants", ".seen"), ("cold-start merchants", ".cold")):
+            if f"align.{by}.win_rate{suffix}" in metrics:
+                rows.append((f"{split} ({by})", f"{metrics[f'align.{by}.utility.base{suffix}']:.3f}",
+                             f"{metrics[f'align.{by}.utility.aligned{suffix}']:.3f}", win_rate_text(metrics, suffix, by),
+                             f"{metrics.get(f'align.{by}.personalization{suffix}', float('nan')):+.3f}"))
     return rows
 
 
 def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
     rows = [("class accuracy", f"{metrics['align.fidelity.class_acc.base']:.1%}",
-             f"{metrics['align.fidelity.class_acc']:.1%}")]
+             f"{metrics['align.fidelity.class_acc']:.1%}")] if "align.fidelity.class_acc" in metrics else []
     if "align.fidelity.colour_acc" in metrics:
         rows.append(("requested colour is dominant", f"{metrics['align.fidelity.colour_acc.base']:.1%}",
                      f"{metrics['align.fidelity.colour_acc']:.1%}"))
@@ -125,11 +127,19 @@ def _html_table(header: tuple, rows: list[tuple]) -> str:
 def _sections(inputs: ReportInputs, figures: dict[str, str]) -> list[tuple[str, str, list]]:
     """(title, kind, payload) in reading order; kind is table, figure or text."""
     m = inputs.metrics
-    ahead = {split: m[f"align.utility.aligned.{split}"] > m[f"align.utility.base.{split}"] for split in ("seen", "cold")}
-    verdict = ("The aligned policy is ahead of the base on oracle utility for seen and cold-start merchants."
+    from perfusion_ray.evaluation.alignment import primary_judge
+
+    by = primary_judge(m)
+    ahead = {split: m[f"align.{by}.utility.aligned.{split}"] > m[f"align.{by}.utility.base.{split}"]
+             for split in ("seen", "cold") if f"align.{by}.utility.base.{split}" in m}
+    verdict = (f"The aligned policy is ahead of the base by the {by} for seen and cold-start merchants."
                if all(ahead.values()) else
-               "The aligned policy is NOT ahead of the base on oracle utility for: "
+               f"The aligned policy is NOT ahead of the base by the {by} for: "
                + ", ".join(split for split, ok in ahead.items() if not ok) + ".")
+    if "align.agreement.rank_correlation" in m:
+        verdict += (f" The judge (an RM trained on held-out feedback only) agrees with the oracle at rank correlation "
+                    f"{m['align.agreement.rank_correlation']:+.2f} of per-request gains; its win rate differs by "
+                    f"{m.get('align.agreement.win_rate_difference', float('nan')):+.1%}.")
     sections = [
         ("Summary", "text", [verdict] + inputs.notes),
         ("Reward model on held-out groups", "table", [TABLES["rm"], _rm_rows(inputs.rm_table)]),

@@ -62,14 +62,13 @@ def tiny_pipelines(tmp_path_factory) -> dict[str, "os.PathLike"]:
 
     from perfusion_ray.config import PolicyConfig
     from perfusion_ray.models.base import load_base
-    from perfusion_ray.models.merchant_encoder import MerchantBatch
+    from perfusion_ray.records import Merchant
     from perfusion_ray.models.policy import build_policy, policy_pipeline
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pipelines")
     base = load_base("embedded")
-    merchants = MerchantBatch.from_records([{"merchant_id": f"m{i}", "merchant_features": {"region": "east"},
-                                             "merchant_stats": {"price_level": 1.0}} for i in range(4)])
+    merchants = [Merchant(f"m{i}", {"region": "east"}, {"price_level": 1.0}) for i in range(4)]
     folders = {}
     for name, perturb in (("v1", False), ("v2", True)):
         torch.manual_seed(0)

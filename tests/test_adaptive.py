@@ -8,7 +8,7 @@ import torch
 
 from perfusion_ray.models.adaptive import PersonalizedUNet
 from perfusion_ray.models.base import load_base
-from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.records import Merchant
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,7 @@ def _inputs(model, batch: int = 3):
     sample = torch.randn(batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
                          generator=generator)
     hidden = torch.randn(batch, 16, unet.config.cross_attention_dim, generator=generator)
-    merchants = MerchantBatch([f"m{i}" for i in range(batch)], [{"region": "south"}] * batch,
-                              [{"price_level": 1.0}] * batch)
+    merchants = [Merchant(f"m{i}", {"region": "south"}, {"price_level": 1.0}) for i in range(batch)]
     return sample, torch.tensor([10, 500, 900]), hidden, model.merchant_encoder.featurize(merchants)
 
 
@@ -59,7 +58,7 @@ def test_trained_joins_move_outputs_per_merchant(personalized):
             torch.nn.init.normal_(block.weight, std=0.02)
 
         def predict(merchant_id: str, region: str) -> torch.Tensor:
-            merchants = MerchantBatch([merchant_id] * 3, [{"region": region}] * 3, [{"price_level": 1.0}] * 3)
+            merchants = [Merchant(merchant_id, {"region": region}, {"price_level": 1.0})] * 3
             return trained(sample, timestep, hidden, trained.merchant_encoder.featurize(merchants))
 
         first, second = predict("a", "south"), predict("b", "north")

@@ -11,7 +11,7 @@ import torch
 
 from perfusion_ray.config import PolicyConfig
 from perfusion_ray.models.base import load_base
-from perfusion_ray.models.merchant_encoder import MerchantBatch
+from perfusion_ray.records import Merchant
 from perfusion_ray.models.pipeline import PerFusionPipeline
 from perfusion_ray.models.policy import build_policy, featurizer, policy_pipeline
 from perfusion_ray.train.group_step import GroupTensors, group_step
@@ -29,7 +29,7 @@ def base():
 def policy(base):
     torch.manual_seed(0)
     model = build_policy(base.unet, PolicyConfig(), stat_names=("price_level",),
-                         merchants=MerchantBatch.from_records([MERCHANT]))
+                         merchants=[Merchant.from_record(MERCHANT)])
     with torch.no_grad():  # stand-ins for trained joins, so the branch moves outputs
         controlnet = model.adapter.controlnet
         for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_cond_embedding.conv_out]:
@@ -42,7 +42,7 @@ def _groups(base, policy, labels, groups: int = 2) -> GroupTensors:
     k = labels.shape[1]
     latents = torch.randn(groups, k, *base.latent_shape, generator=torch.Generator().manual_seed(0))
     context = base.encode_prompts(["a dress"] * groups)
-    merchant = featurizer(policy)(MerchantBatch.from_records([MERCHANT] * groups))
+    merchant = featurizer(policy)([Merchant.from_record(MERCHANT)] * groups)
     return GroupTensors(latents, context, merchant, labels)
 
 
@@ -107,7 +107,7 @@ def test_an_sdxl_base_takes_the_same_policy_objective_and_pipeline(tmp_path):
     group-objective step trains the joins only, and the pipeline round-trips with both text encoders."""
     sdxl = load_base(tiny_stable_diffusion(tmp_path / "sdxl", xl=True))
     model = build_policy(sdxl.unet, PolicyConfig(), stat_names=("price_level",),
-                         merchants=MerchantBatch.from_records([MERCHANT]))
+                         merchants=[Merchant.from_record(MERCHANT)])
     groups = _groups(sdxl, model, [[1.0, 0.0, 0.0]])
     sample, t = groups.latents[:, 0], torch.tensor([400, 400])
     with torch.no_grad():
@@ -178,10 +178,10 @@ def test_zero3_in_bf16_gathers_the_exported_weights(logged, ray_cluster, tmp_pat
     import json
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    for key in ("align.utility.base", "align.utility.aligned", "align.win_rate", "align.personalization",
-                "align.fidelity.class_acc"):
+    for key in ("align.oracle.utility.base", "align.oracle.utility.aligned", "align.oracle.win_rate",
+                "align.oracle.personalization", "align.fidelity.class_acc", "align.fidelity.colour_acc"):
         assert np.isfinite(metrics[key])
-    assert metrics["align.win_rate_low"] <= metrics["align.win_rate"] <= metrics["align.win_rate_high"]
+    assert metrics["align.oracle.win_rate_low"] <= metrics["align.oracle.win_rate"] <= metrics["align.oracle.win_rate_high"]
     assert metrics["align.requests"] == metrics["align.requests.seen"] + metrics["align.requests.cold"]
     assert (tmp_path / "eval" / "grid.png").is_file()
 

@@ -218,7 +218,7 @@ def test_autoencoder_save_load_round_trip(base, tmp_path):
 # ---------------------------------------------------------------- the command
 def test_pretrain_command_smoke(tmp_path):
     """`perfusion pretrain base --quick` runs every stage and writes a directory load_base reads."""
-    from perfusion_ray.train.pretrain_base import main_pretrain_base
+    from perfusion_ray.world.pretrain_base import main_pretrain_base
 
     out, work = tmp_path / "out", tmp_path / "work"
     code = main_pretrain_base(["--quick", "--out", str(out), "--work", str(work), "--classifier-items", "256",

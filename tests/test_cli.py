@@ -66,8 +66,9 @@ def test_demo_runs_end_to_end_and_writes_report_metrics_and_pipeline(tmp_path, r
                            if pq.read_metadata(f).num_rows)
         assert "event_type" in reasons or "duplicate event_id" in reasons
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("rm.gauc.seen", "rm.gauc.cold", "rm.gauc.oracle", "align.utility.base.seen", "align.utility.aligned.cold",
-                "align.win_rate.seen", "align.fidelity.class_acc", "online.rounds", "demo.seconds"):
+    for key in ("rm.gauc.seen", "rm.gauc.cold", "rm.gauc.oracle", "align.oracle.utility.base.seen",
+                "align.oracle.utility.aligned.cold", "align.oracle.win_rate.seen", "align.judge.win_rate.seen",
+                "align.agreement.rank_correlation", "align.fidelity.class_acc", "online.rounds", "demo.seconds"):
         assert key in metrics, key
     report = (out / "report.md").read_text()
     assert "Reward model on held-out groups" in report and "report_files/rounds.png" in report

@@ -6,7 +6,7 @@ import numpy as np
 
 from perfusion_ray.config import load_config
 from perfusion_ray.serve.design_schemas import FEEDBACK_TYPES
-from perfusion_ray.serve.fashionworld_client import reactions
+from perfusion_ray.world.endpoint_merchants import reactions
 from perfusion_ray.world.simulator import build_world
 from tests.conftest import TINY_OVERRIDES
 

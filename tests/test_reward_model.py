@@ -12,15 +12,15 @@ import torch
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.metrics import mean_average_precision
 from perfusion_ray.models.clip_towers import load_clip
-from perfusion_ray.models.merchant_encoder import MerchantBatch, MerchantEncoder
+from perfusion_ray.models.merchant_encoder import MerchantEncoder
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
+from perfusion_ray.records import Merchant
 
 FEATURES = {"region": "south", "tier": "small"}
 
 
-def _merchants(n: int, ids=None, features=FEATURES, stats=None) -> MerchantBatch:
-    return MerchantBatch(ids or [f"m{i}" for i in range(n)], [dict(features) for _ in range(n)],
-                         [dict(stats or {"price_level": 1.0}) for _ in range(n)])
+def _merchants(n: int, ids=None, features=FEATURES, stats=None) -> list[Merchant]:
+    return [Merchant(i, dict(features), dict(stats or {"price_level": 1.0})) for i in ids or [f"m{i}" for i in range(n)]]
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +47,7 @@ def test_unseen_merchant_is_represented_by_side_features_alone():
 
 def test_merchant_with_no_features_or_stats_gets_a_finite_vector():
     encoder = MerchantEncoder(dim=8, stat_names=("price_level",)).eval()
-    out = encoder(**encoder.featurize(MerchantBatch(["x"], [{}], [{}])))
+    out = encoder(**encoder.featurize([Merchant("x")]))
     assert torch.isfinite(out).all()
 
 
@@ -71,7 +71,7 @@ def test_odd_input_scores_finitely(model):
     blank = np.zeros((2, 32, 32, 3), np.uint8)
     grey = np.full((2, 32, 32, 3), 128, np.uint8)
     big = _images(2)[:, :, :, :].repeat(2, axis=1).repeat(2, axis=2)  # 64x64 is resized
-    scores = model.score(MerchantBatch(["", "x"], [{}, {}], [{}, {}]), ["", ""], blank)
+    scores = model.score([Merchant(), Merchant("x")], ["", ""], blank)
     assert np.isfinite(scores).all()
     assert np.isfinite(model.score(_merchants(2), ["a coat", "a bag"], grey)).all()
     assert model.score(_merchants(2), ["a coat", "a bag"], big).shape == (2,)

@@ -26,7 +26,6 @@ from PIL import Image
 from perfusion_ray.config import REPO_ROOT, load_config
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.clip_towers import load_clip
-from perfusion_ray.models.merchant_encoder import MerchantBatch
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
 from perfusion_ray.serve.client import RewardClient, RewardHandleClient
 from perfusion_ray.serve.images import encode_png, to_base64_png
@@ -66,7 +65,7 @@ class Service:
     def expected(self, name: str, merchant: Merchant | None, prompt: str, images: np.ndarray) -> np.ndarray:
         m = merchant or Merchant()
         n = len(images)
-        batch = MerchantBatch([m.id] * n, [dict(m.features)] * n, [dict(m.stats)] * n)
+        batch = [m] * n
         return self.rm[name].score(batch, [prompt] * n, images)
 
 
@@ -305,7 +304,7 @@ def test_haproxy_ingress_serves_the_same_scores_over_http_and_the_handle(tmp_pat
     answer = json.loads(lines[-1].removeprefix("RESULT "))
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     n = len(images)
-    expected = load_reward_model(model).score(MerchantBatch(["m0"] * n, [FEATURES] * n, [STATS] * n),
+    expected = load_reward_model(model).score([Merchant("m0", FEATURES, STATS)] * n,
                                               ["a striped dark red dress"] * n, images)
     np.testing.assert_allclose(answer["http"], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(answer["handle"], expected, rtol=1e-5, atol=1e-5)

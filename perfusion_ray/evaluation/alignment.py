@@ -1,17 +1,20 @@
-"""`perfusion align eval`: base vs aligned images on held-out requests, judged by the oracle.
+"""`perfusion align eval`: base vs aligned images on held-out requests, judged by the oracle and the judge.
 
-For every merchant (seen and cold start) a few held-out requests (by default only those that leave
-colour, shade or pattern open: there the merchant's taste can show), K images each from the base model
-and from the aligned pipeline, from the same starting noise. Metrics (keys of metrics.json):
-- align.utility.base / .aligned: mean oracle utility of the images under the requesting merchant's taste;
-- align.win_rate: share of requests whose aligned group has a higher mean utility than the base group on
-  the same noise (ties count half); align.win_rate_low / _high: its 95% Wilson interval over
-  align.requests requests (two requests per merchant place a cold-start rate within about +-20 points);
-- align.personalization(.base): utility under the merchant's own taste minus the mean utility under the
-  other merchants' tastes, for the aligned (base) images;
-- align.fidelity.class_acc(.base): the project's Fashion-MNIST judge names the requested class;
-  align.fidelity.colour_acc(.base): the dominant hue is the requested colour, on prompts that name one.
-Each also per split with a .seen / .cold suffix.
+For every merchant (seen and cold start: a merchant absent from the train split's groups) a few held-out
+requests (by default only those where the environment says the merchant's taste can show), K images each
+from the base model and from the aligned pipeline, from the same starting noise. Each available judge
+scores them: the environment's oracle when it has one, and the judge of evaluation/judge.py (a reward
+model trained only on held-out feedback) when it has been trained. Metrics (keys of metrics.json), per
+judge `by` (oracle or judge):
+- align.<by>.utility.base / .aligned: mean utility of the images for the requesting merchant;
+- align.<by>.win_rate: share of requests whose aligned group has a higher mean utility than the base group
+  on the same noise (ties count half); _low / _high: its 95% Wilson interval over align.requests requests;
+- align.<by>.personalization(.base): utility for the requesting merchant minus the mean utility for the
+  other merchants, of the aligned (base) images;
+each also per split with a .seen / .cold suffix. With both judges, align.agreement.*: the rank correlation
+of their per-request gains (aligned minus base) and the win-rate differences (judge minus oracle).
+Fidelity: align.fidelity.class_acc(.base), the project's Fashion-MNIST classifier names the requested class
+(when the base is the embedded one); plus the environment's own measures (FashionWorld: colour_acc).
 """
 
 from __future__ import annotations
@@ -23,20 +26,27 @@ import numpy as np
 import torch
 
 from perfusion_ray.config import PerfusionConfig
-from perfusion_ray.data.group_examples import read_groups
+from perfusion_ray.environment import Environment
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.evaluation.judge import OracleJudge, UtilityJudge
 from perfusion_ray.metrics import wilson_interval
-from perfusion_ray.world.catalogue import parse_prompt
+from perfusion_ray.records import Merchant, Request
+
+SPLITS = ("all", "seen", "cold")
 
 
 @dataclass
 class EvalRequests:
-    merchants: list[dict]  # merchant records, one per request
-    prompts: list[str]
-    cold: np.ndarray  # [R] bool
-    taste_rows: np.ndarray  # [R] index into world.merchants
-    classes: np.ndarray  # [R] requested class
-    colours: np.ndarray  # [R] requested colour, -1 when left open
+    requests: list[Request]
+    cold: np.ndarray  # [R] bool: the merchant is absent from the train split's groups
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.requests]
+
+    @property
+    def merchants(self) -> list[Merchant]:
+        return [r.merchant for r in self.requests]
 
 
 @dataclass
@@ -45,38 +55,36 @@ class AlignEvaluation:
     requests: EvalRequests
     base_images: np.ndarray  # [R*K, H, W, 3]
     aligned_images: np.ndarray
-    utilities: dict[str, np.ndarray] = field(default_factory=dict)  # base / aligned, [R*K]
+    utilities: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # by -> base / aligned -> [R*K]
 
 
-def evaluation_requests(config: PerfusionConfig, world) -> EvalRequests:
+def evaluation_requests(config: PerfusionConfig, environment: Environment) -> EvalRequests:
     """Held-out requests, the first few per merchant in request-id order."""
-    table = read_groups(config.data.root, "holdout")
+    from perfusion_ray.data.group_examples import read_group_table
+    from perfusion_ray.data.store import StoreLayout
+    from perfusion_ray.evaluation.reward_model import train_merchant_ids
+
+    table = read_group_table(StoreLayout(config.data.root, "holdout"))
     if table.num_rows == 0:
         raise PerfusionError(f"no held-out group examples under {config.data.root}",
-                             hint="run `perfusion world simulate` and `perfusion data ingest` (both splits) first")
+                             hint="ingest the store's holdout split (`perfusion data ingest --split holdout`)")
     rows = sorted(table.select(["request_id", "merchant_id", "merchant_features", "merchant_stats", "prompt"])
                   .to_pylist(), key=lambda r: r["request_id"])
-    wanted = config.align.eval.requests_per_merchant
+    evaluation = config.align.eval
     taken: dict[str, int] = {}
     picked = []
     for row in rows:
-        attributes = parse_prompt(row["prompt"])
-        if config.align.eval.open_only and not attributes.open:
+        if evaluation.open_only and not environment.prompt_is_open(row["prompt"] or ""):
             continue
-        if taken.get(row["merchant_id"], 0) >= wanted or row["merchant_id"] not in world.merchants.ids:
+        if taken.get(row["merchant_id"], 0) >= evaluation.requests_per_merchant:
             continue
         taken[row["merchant_id"]] = taken.get(row["merchant_id"], 0) + 1
-        picked.append((row, attributes))
-    index = [world.merchants.index(row["merchant_id"]) for row, _ in picked]
-    return EvalRequests(
-        merchants=[{"merchant_id": row["merchant_id"], "merchant_features": dict(row["merchant_features"] or []),
-                    "merchant_stats": dict(row["merchant_stats"] or [])} for row, _ in picked],
-        prompts=[row["prompt"] for row, _ in picked],
-        cold=world.merchants.cold_start[index],
-        taste_rows=np.array(index),
-        classes=np.array([a.cls for _, a in picked]),
-        colours=np.array([-1 if a.colour is None else a.colour for _, a in picked]),
-    )
+        picked.append(Request(row["request_id"], Merchant.from_record(row), row["prompt"] or ""))
+    if not picked:
+        raise PerfusionError("no held-out request qualifies for evaluation",
+                             hint="set align.eval.open_only=false to evaluate every held-out request")
+    seen = train_merchant_ids(config.data.root)
+    return EvalRequests(picked, np.array([r.merchant.id not in seen for r in picked]))
 
 
 def win_rate(aligned: np.ndarray, base: np.ndarray) -> float:
@@ -85,91 +93,119 @@ def win_rate(aligned: np.ndarray, base: np.ndarray) -> float:
     return float(((a > b) + 0.5 * (a == b)).mean()) if len(a) else float("nan")
 
 
-def win_rate_text(metrics: dict, suffix: str = "") -> str:
-    """'70.8% (58%-81%, n=72)': a win rate with its 95% interval, for tables (the rate alone if absent)."""
-    rate = f"{metrics[f'align.win_rate{suffix}']:.1%}"
-    if f"align.win_rate_low{suffix}" not in metrics:
-        return rate
-    return (f"{rate} ({metrics[f'align.win_rate_low{suffix}']:.0%}-{metrics[f'align.win_rate_high{suffix}']:.0%}, "
-            f"n={metrics[f'align.requests{suffix}']})")
-
-
-def personalization_index(tastes: np.ndarray, own_rows: np.ndarray, profiles: np.ndarray) -> float:
-    """Mean over images of utility under the requesting merchant's taste minus the mean under the others'."""
-    from perfusion_ray.world.oracle import utility
-
-    all_utilities = utility(tastes, profiles)  # [M, N]
-    own = all_utilities[own_rows, np.arange(len(own_rows))]
-    others = (all_utilities.sum(0) - own) / (len(tastes) - 1)
-    return float((own - others).mean()) if len(own) else float("nan")
-
-
 def _suffix(split: str) -> str:
     """The metrics.json key suffix of a split: '' for all requests, '.seen' / '.cold' otherwise."""
     return "" if split == "all" else f".{split}"
 
 
-def _split_metrics(prefix: str, values: dict[str, float | np.ndarray], masks: dict[str, np.ndarray], reduce) -> dict:
-    out = {}
-    for split, mask in masks.items():
+def primary_judge(metrics: dict) -> str:
+    """The judge whose numbers a table shows first: the oracle where there is one, else the judge."""
+    return "oracle" if "align.oracle.win_rate" in metrics else "judge"
+
+
+def win_rate_text(metrics: dict, suffix: str = "", by: str | None = None) -> str:
+    """'70.8% (58%-81%, n=72)': a win rate with its 95% interval, for tables (the rate alone if absent)."""
+    key = f"align.{by or primary_judge(metrics)}"
+    rate = f"{metrics[f'{key}.win_rate{suffix}']:.1%}"
+    if f"{key}.win_rate_low{suffix}" not in metrics:
+        return rate
+    return (f"{rate} ({metrics[f'{key}.win_rate_low{suffix}']:.0%}-{metrics[f'{key}.win_rate_high{suffix}']:.0%}, "
+            f"n={metrics[f'align.requests{suffix}']})")
+
+
+def judged_metrics(judge: UtilityJudge, requests: EvalRequests, k: int, base_images: np.ndarray,
+                   aligned_images: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Every align.<judge>.* metric of the module docstring, and the per-image utilities it rests on."""
+    merchants = [m for m in requests.merchants for _ in range(k)]
+    prompts = [p for p in requests.prompts for _ in range(k)]
+    population = requests.merchants
+    own, others = {}, {}
+    for name, images in (("base", base_images), ("aligned", aligned_images)):
+        own[name], others[name] = judge.utilities(merchants, prompts, images, population)
+    request_masks = {"all": np.ones(len(requests.requests), bool), "seen": ~requests.cold, "cold": requests.cold}
+    prefix, metrics = f"align.{judge.name}", {}
+    for split, mask in request_masks.items():
+        if not mask.any():
+            continue
+        suffix, images = _suffix(split), np.repeat(mask, k)
+        rate = win_rate(own["aligned"].reshape(-1, k)[mask], own["base"].reshape(-1, k)[mask])
+        low, high = wilson_interval(rate, int(mask.sum()))
+        metrics.update({f"{prefix}.win_rate{suffix}": rate, f"{prefix}.win_rate_low{suffix}": low,
+                        f"{prefix}.win_rate_high{suffix}": high, f"align.requests{suffix}": int(mask.sum())})
+        for name in ("base", "aligned"):
+            metrics[f"{prefix}.utility.{name}{suffix}"] = float(own[name][images].mean())
+            gap = float((own[name][images] - others[name][images]).mean())
+            metrics[f"{prefix}.personalization{'.base' if name == 'base' else ''}{suffix}"] = gap
+    return metrics, own
+
+
+def agreement_metrics(metrics: dict[str, float], utilities: dict[str, dict[str, np.ndarray]], k: int,
+                      requests: EvalRequests) -> dict[str, float]:
+    """How far the judge agrees with the oracle: the Spearman correlation of their per-request gains and the
+    win-rate differences (judge minus oracle), overall and per split."""
+    from perfusion_ray.metrics import spearman
+
+    gains = {by: (u["aligned"] - u["base"]).reshape(-1, k).mean(1) for by, u in utilities.items()}
+    out = {"align.agreement.rank_correlation": spearman(gains["oracle"], gains["judge"])}
+    for split in SPLITS:
         suffix = _suffix(split)
-        for name, value in values.items():
-            if mask.any():
-                out[f"{prefix}.{name}{suffix}"] = reduce(value, mask)
+        if f"align.oracle.win_rate{suffix}" in metrics and f"align.judge.win_rate{suffix}" in metrics:
+            out[f"align.agreement.win_rate_difference{suffix}"] = (metrics[f"align.judge.win_rate{suffix}"]
+                                                                   - metrics[f"align.oracle.win_rate{suffix}"])
     return out
 
 
-def evaluate_pipeline(config: PerfusionConfig, pipeline, world, classifier, base_pipeline=None) -> AlignEvaluation:
+def fidelity_metrics(config: PerfusionConfig, environment: Environment, classifier, requests: EvalRequests, k: int,
+                     images: dict[str, np.ndarray]) -> dict[str, float]:
+    from perfusion_ray.models.class_names import requested_class
+
+    prompts = [p for p in requests.prompts for _ in range(k)]
+    metrics: dict[str, float] = {}
+    classes = np.array([requested_class(p) for p in prompts])
+    named = classes >= 0
+    for name, batch in images.items():
+        suffix = "" if name == "aligned" else ".base"
+        if classifier is not None and named.any():
+            metrics[f"align.fidelity.class_acc{suffix}"] = float((classifier.predict(batch[named]) == classes[named]).mean())
+        if environment.oracle is not None:
+            for measure, value in environment.oracle.fidelity(prompts, batch).items():
+                metrics[f"align.fidelity.{measure}{suffix}"] = value
+    if "align.fidelity.class_acc" in metrics:
+        metrics["align.fidelity.class_acc.drop"] = metrics["align.fidelity.class_acc.base"] - metrics["align.fidelity.class_acc"]
+    return metrics
+
+
+def evaluate_pipeline(config: PerfusionConfig, pipeline, environment: Environment, classifier, base_pipeline=None,
+                      judges: list[UtilityJudge] | None = None) -> AlignEvaluation:
     """Sample base and aligned groups for the held-out requests and score them (see the module docstring).
 
     `base_pipeline` draws the base images (default: `pipeline` without a merchant, which is the base model
     for the personalized branch but not for a pipeline whose UNet was fine-tuned, like the plain-LoRA
-    ablation)."""
-    from perfusion_ray.world.oracle import attribute_profile, colour_probabilities, utility
-
+    ablation). `judges`: default the environment's oracle alone."""
     evaluation = config.align.eval
-    requests = evaluation_requests(config, world)
+    requests = evaluation_requests(config, environment)
+    if judges is None:
+        judges = [OracleJudge(environment.oracle)] if environment.oracle is not None else []
+    if not judges:
+        raise PerfusionError("nothing can judge the generated images: the environment has no oracle and there is "
+                             "no judge", hint="train one with `perfusion rm train --judge` (on held-out feedback)")
     k = evaluation.images_per_request
-    count = len(requests.prompts) * k
-    latent_shape = pipeline.base.latent_shape
-    latents = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(evaluation.seed))
+    count = len(requests.requests) * k
+    latents = torch.randn((count, *pipeline.base.latent_shape), generator=torch.Generator().manual_seed(evaluation.seed))
     options = dict(num_images_per_prompt=k, latents=latents, output_type="np", batch_size=evaluation.batch_size,
                    num_inference_steps=config.policy.num_inference_steps, guidance_scale=config.policy.guidance_scale,
                    personalize_unconditional=config.policy.personalize_unconditional)
     base_images = (base_pipeline or pipeline)(requests.prompts, merchant=None, **options).images
     aligned_images = pipeline(requests.prompts, merchant=requests.merchants, **options).images
-
-    tastes = world.merchants.tastes
-    own_rows = np.repeat(requests.taste_rows, k)
-    image_masks = {"all": np.ones(count, bool), "seen": ~np.repeat(requests.cold, k), "cold": np.repeat(requests.cold, k)}
-    request_masks = {"all": np.ones(len(requests.prompts), bool), "seen": ~requests.cold, "cold": requests.cold}
-    profiles = {"base": attribute_profile(base_images), "aligned": attribute_profile(aligned_images)}
-    utilities = {name: utility(tastes, p)[own_rows, np.arange(count)] for name, p in profiles.items()}
-    metrics = _split_metrics("align.utility", utilities, image_masks, lambda v, m: float(v[m].mean()))
-    grouped = {name: u.reshape(-1, k) for name, u in utilities.items()}
-    for split, mask in request_masks.items():
-        if mask.any():  # the rate, and the 95% range a rate on this many requests allows
-            suffix, count = _suffix(split), int(mask.sum())
-            rate = win_rate(grouped["aligned"][mask], grouped["base"][mask])
-            low, high = wilson_interval(rate, count)
-            metrics.update({f"align.win_rate{suffix}": rate, f"align.win_rate_low{suffix}": low,
-                            f"align.win_rate_high{suffix}": high, f"align.requests{suffix}": count})
-    for split, mask in image_masks.items():
-        suffix = _suffix(split)
-        if mask.any():
-            metrics[f"align.personalization{suffix}"] = personalization_index(tastes, own_rows[mask],
-                                                                              profiles["aligned"][mask])
-            metrics[f"align.personalization.base{suffix}"] = personalization_index(tastes, own_rows[mask],
-                                                                                   profiles["base"][mask])
-    classes, colours = np.repeat(requests.classes, k), np.repeat(requests.colours, k)
-    named_colour = colours >= 0
-    for name, images in (("aligned", aligned_images), ("base", base_images)):
-        suffix = "" if name == "aligned" else ".base"
-        metrics[f"align.fidelity.class_acc{suffix}"] = float((classifier.predict(images) == classes).mean())
-        if named_colour.any():
-            dominant = colour_probabilities(images[named_colour]).argmax(1)
-            metrics[f"align.fidelity.colour_acc{suffix}"] = float((dominant == colours[named_colour]).mean())
-    metrics["align.fidelity.class_acc.drop"] = metrics["align.fidelity.class_acc.base"] - metrics["align.fidelity.class_acc"]
+    metrics, utilities = {}, {}
+    for judge in judges:
+        judged, own = judged_metrics(judge, requests, k, base_images, aligned_images)
+        metrics.update(judged)
+        utilities[judge.name] = own
+    if {"oracle", "judge"} <= utilities.keys():
+        metrics.update(agreement_metrics(metrics, utilities, k, requests))
+    metrics.update(fidelity_metrics(config, environment, classifier, requests, k,
+                                    {"aligned": aligned_images, "base": base_images}))
     return AlignEvaluation(metrics, requests, base_images, aligned_images, utilities)
 
 
@@ -186,7 +222,7 @@ def comparison_grid(evaluation: AlignEvaluation, k: int, merchants: int = 6) -> 
     return np.concatenate(rows, axis=0) if rows else np.zeros((0, 0, 3), np.uint8)
 
 
-def same_prompt_grid(config: PerfusionConfig, pipeline, base_pipeline, prompt: str, merchants: list[dict],
+def same_prompt_grid(config: PerfusionConfig, pipeline, base_pipeline, prompt: str, merchants: list[Merchant],
                      seed: int = 0) -> np.ndarray:
     """One prompt and one seed for everyone: the first row is the base model's K images, then one row of
     aligned images per merchant, so what differs between rows is the merchant alone."""
@@ -203,24 +239,34 @@ def same_prompt_grid(config: PerfusionConfig, pipeline, base_pipeline, prompt: s
     return np.concatenate([np.concatenate([gap, np.concatenate(list(row), axis=1)]) for row in rows])[4:]
 
 
-def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_dir: str | Path | None = None
-                       ) -> AlignEvaluation:
-    """Load the exported pipeline, evaluate it, write metrics.json and grid.png into out_dir."""
+def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_dir: str | Path | None = None,
+                       judge_dir: str | Path | None = None, environment: Environment | None = None) -> AlignEvaluation:
+    """Load the exported pipeline, evaluate it with every judge available (the environment's oracle, the
+    trained judge), write metrics.json and grid.png into out_dir."""
+    from perfusion_ray.environment import build_environment
+    from perfusion_ray.evaluation.judge import load_judge
     from perfusion_ray.models.base import load_base
     from perfusion_ray.models.classifier import load_classifier
     from perfusion_ray.models.pipeline import PerFusionPipeline
     from perfusion_ray.storage import atomic_write_json
-    from perfusion_ray.world.simulator import build_world
 
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise PerfusionError(f"{pipeline_dir} is not an exported pipeline (no model_index.json)",
-                             hint="run `perfusion align train --offline` first")
+                             hint="run `perfusion align train --offline` or `perfusion align` first")
+    environment = environment or build_environment(config)
+    judges = [OracleJudge(environment.oracle)] if environment.oracle is not None else []
+    judge = load_judge(config, judge_dir)
+    if judge is not None:
+        judges.append(judge)
+    elif judge_dir is not None:
+        raise PerfusionError(f"no judge at {judge_dir}", hint="train one with `perfusion rm train --judge`")
     pipeline = PerFusionPipeline.from_pretrained(str(pipeline_dir))
     pipeline.set_progress_bar_config(disable=True)
     base = PerFusionPipeline.from_base(load_base(config.policy.base))  # the frozen base, whatever the policy
     base.set_progress_bar_config(disable=True)
-    evaluation = evaluate_pipeline(config, pipeline, build_world(config), load_classifier(), base)
+    classifier = load_classifier() if config.policy.base == "embedded" else None
+    evaluation = evaluate_pipeline(config, pipeline, environment, classifier, base, judges)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

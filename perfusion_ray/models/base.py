@@ -6,7 +6,7 @@ folder is a Stable Diffusion 1.x checkout on a GPU cluster or the embedded Fashi
 assets/embedded_base/ (`load_base("embedded")`). A folder that also has text_encoder_2/ (and
 tokenizer_2/) is read in Stable Diffusion XL's layout: see `encode_prompts` and `conditioned_call`.
 The embedded model is a small latent diffusion model
-pretrained by `perfusion pretrain base` (perfusion_ray/train/pretrain_base.py): a plain conv autoencoder
+pretrained by `perfusion pretrain base` (perfusion_ray/world/pretrain_base.py): a plain conv autoencoder
 (32x32x3 <-> 4x8x8, models/autoencoder.py), a UNet2DConditionModel (64, 128) with cross-attention at
 both levels and a 2-layer CLIPTextModel on the real CLIP BPE vocabulary, trained with v-prediction on a
 cosine schedule. Its tokenizer is not shipped: a missing tokenizer/ folder means the real CLIP BPE

@@ -1,4 +1,5 @@
-"""Where each round's metrics go: rounds.jsonl, TensorBoard event files, and the live progress bar."""
+"""Where each round's metrics go: rounds.jsonl, TensorBoard event files, and the live progress bar; and what
+each round asked for: requests.jsonl (round, request id, merchant id, prompt)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ class MetricsSink:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=rounds, initial=first, desc="online rounds", unit="round")
+
+    def record_requests(self, round_index: int, requests) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "requests.jsonl", "a") as handle:
+            for request in requests:
+                handle.write(json.dumps({"round": round_index, "request_id": request.request_id,
+                                         "merchant_id": request.merchant.id, "prompt": request.prompt}) + "\n")
 
     def record(self, metrics: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,10 @@
 
 `build_app(args)` is the application builder `serve run` / `serve deploy` call with the `args` of
 cluster/serve_design.yaml ({config, set}); everything else comes from the config's design section (limits,
-batching, autoscaling, replica CPUs, the store) plus serve (host, port, token: one proxy per cluster) and
-policy (sampling steps, guidance). The policy is the deployment's user_config, {pipeline_dir: ...}, so a new
-aligned version is a declarative redeploy that changes only user_config and the replicas reconfigure in
-place: `rollout(pipeline_dir)` does exactly that (apps.py, shared with the reward app).
+batching, autoscaling, replica CPUs, GPUs and dtype, the store) plus serve (host, port, token: one proxy per
+cluster) and policy (sampling steps, guidance). The policy is the deployment's user_config, {pipeline_dir: ...},
+so a new aligned version is a declarative redeploy that changes only user_config and the replicas reconfigure
+in place: `rollout(pipeline_dir)` does exactly that (apps.py, shared with the reward app).
 """
 
 from __future__ import annotations
@@ -32,18 +32,15 @@ def store_root(config: PerfusionConfig) -> str:
 
 
 def page_merchants(config: PerfusionConfig, limit: int = PAGE_MERCHANTS) -> list[dict]:
-    """FashionWorld merchants the page offers (ids and observable features only; tastes stay hidden). Empty
-    when the config's taste family cannot be read (the page then takes a typed merchant id)."""
-    from perfusion_ray.world.merchants import build_population, load_taste_family
+    """The merchants the page offers (ids and observable features only), from the environment. Empty when
+    there are none to read (the page then takes a typed merchant id)."""
+    from perfusion_ray.environment import offered_merchants
 
     try:
-        family = load_taste_family(config.resolve_input(config.world.taste_family))
+        offered = offered_merchants(config, limit)
     except Exception:  # noqa: BLE001 - the page works without a list
         return []
-    world = config.world
-    population = build_population(family, world.num_merchants, world.cold_start_fraction, world.seed)
-    return [{"id": population.ids[i], "features": population.features[i], "stats": population.stats[i],
-             "cold_start": bool(population.cold_start[i])} for i in range(min(limit, len(population.ids)))]
+    return [{"id": m.id, "features": dict(m.features), "stats": dict(m.stats), "cold_start": new} for m, new in offered]
 
 
 def settings(config: PerfusionConfig) -> dict:
@@ -57,7 +54,7 @@ def settings(config: PerfusionConfig) -> dict:
             "max_batch_size": d.max_batch_size, "batch_wait_timeout_s": d.batch_wait_timeout_s,
             "num_inference_steps": policy.num_inference_steps, "guidance_scale": policy.guidance_scale,
             "personalize_unconditional": policy.personalize_unconditional, "route_prefix": d.route_prefix,
-            "merchants": tuple(page_merchants(config))}
+            "merchants": tuple(page_merchants(config)), "dtype": d.replica_dtype}
 
 
 DESIGN = AppKind(IMPORT_PATH, DEPLOYMENT_NAME, "pipeline_dir", "design", lambda config: config.design,

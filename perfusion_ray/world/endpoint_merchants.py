@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from perfusion_ray.serve.design_schemas import FeedbackEvent
 from perfusion_ray.records import Merchant
+from perfusion_ray.serve.design_schemas import FeedbackEvent
 from perfusion_ray.serve.schemas import RewardRequestError
 from perfusion_ray.world.catalogue import prompt_text
 from perfusion_ray.world.oracle import attribute_profile

@@ -20,6 +20,17 @@ def world_merchant(world: World, index: int) -> Merchant:
     return Merchant(population.ids[index], dict(population.features[index]), dict(population.stats[index]))
 
 
+def population_merchants(config: PerfusionConfig) -> list[tuple[Merchant, bool]]:
+    """Every merchant of the config's world with its cold-start flag, without rendering the catalogue."""
+    from perfusion_ray.world.merchants import build_population, load_taste_family
+
+    world = config.world
+    population = build_population(load_taste_family(config.resolve_input(world.taste_family)), world.num_merchants,
+                                  world.cold_start_fraction, world.seed)
+    return [(Merchant(population.ids[i], dict(population.features[i]), dict(population.stats[i])),
+             bool(population.cold_start[i])) for i in range(len(population.ids))]
+
+
 class FashionWorldRequests:
     """Seen merchants, chosen uniformly, asking for classes and attributes as they do in the feedback stream.
     Seeded by (seed, round), so a resumed round asks the same."""
