@@ -205,6 +205,10 @@ def cmd_align_online(args: argparse.Namespace) -> int:
     resumed = f", resumed from round {report.resumed_from_round}" if report.resumed_from_round else ""
     print(f"\n{report.rounds} rounds in {report.seconds:.0f}s{resumed}; {len(report.consumed_partitions)} fresh "
           f"partitions consumed; RM {report.rm_version}; pipeline: {report.pipeline_dir}")
+    if report.stopped:
+        print(report.stopped)
+    elif report.best_probe_round >= 0:
+        print(f"shipped: the averaged policy of round {report.best_probe_round}, the best on the probe set")
     return 0
 
 

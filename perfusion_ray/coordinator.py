@@ -10,10 +10,13 @@ per round:
   3. has the workers generate K images per request with the current policy, and score them through the
      Serve deployment handle (on-policy); P/N come from the RM's ranking;
   4. has the workers take online.steps_per_round group-objective steps on a mix of on-policy and logged groups;
-  5. publishes the averaged policy to the design endpoint every online.publish_every rounds;
-  6. checkpoints the round on the workers (engine, averaged policy, state) and records its metrics
+  5. probes the averaged policy on fixed held-out requests with fixed noise (rounds/probe.py): gold utility
+     by the oracle, else the judge, and the serving RM's reward (the proxy); keeps the best probe policy, and
+     stops early when the proxy rises while the gold falls (rounds/guard.py);
+  6. publishes the averaged policy to the design endpoint every online.publish_every rounds;
+  7. checkpoints the round on the workers (engine, averaged and best policy, state) and records its metrics
      (rounds/metrics_sink.py).
-The environment's oracle, when it has one, monitors the utility of the generated groups; nothing needs it.
+The environment's oracle, when it has one, also reports the utility of each round's own groups; nothing needs it.
 A worker failure makes Ray Train restart the workers from the last round checkpoint; the controller then
 continues from the state they restored, and the exactly-once bookkeeping of RoundState keeps every
 partition consumed once.
@@ -34,7 +37,9 @@ from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.environment import Environment, build_environment
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.rounds.metrics_sink import MetricsSink
+from perfusion_ray.rounds.guard import should_stop
 from perfusion_ray.rounds.planner import RoundPlanner
+from perfusion_ray.rounds.probe import PROBE_SEED, Probe, build_probe
 from perfusion_ray.rounds.rollouts import EndpointRollouts
 from perfusion_ray.rounds.state import RoundState
 from perfusion_ray.train.worker_group import WorkerGroup, WorkerGroupRestarted
@@ -45,14 +50,14 @@ RUN_NAME = "align-online"
 
 class RoundController:
     def __init__(self, config: PerfusionConfig, environment: Environment, group: WorkerGroup, state: RoundState,
-                 sink: MetricsSink, rollouts: EndpointRollouts):
+                 sink: MetricsSink, rollouts: EndpointRollouts, probe: Probe | None = None):
         self.config, self.environment, self.group = config, environment, group
-        self.state, self.sink, self.rollouts = state, sink, rollouts
+        self.state, self.sink, self.rollouts, self.probe = state, sink, rollouts, probe
         self.planner = RoundPlanner(config, environment.request_source)
         self.initial = dataclasses.replace(state)
 
     def run(self) -> RoundState:
-        while self.state.round < self.config.online.rounds:
+        while self.state.round < self.config.online.rounds and not self.state.stopped:
             try:
                 self.run_round()
             except WorkerGroupRestarted as restart:
@@ -90,10 +95,23 @@ class RoundController:
         monitored = self._monitor(groups)
 
         steps = self.group.call("train_steps", groups, r)
-        final = r + 1 >= online.rounds
         metrics = {"round": r, "rm_reward": float(scores.mean()), **monitored, **steps, **times,
                    "steps": state.steps + online.steps_per_round, "fresh_partitions": len(plan.fresh_partitions),
                    "fresh_runs": len(plan.fresh_runs), "rm_version": rm_version}
+        best_round, best_utility, stopped = state.best_probe_round, state.best_probe_utility, ""
+        if self.probe is not None:
+            clock = time.perf_counter()
+            metrics.update(self._run_probe())
+            if best_utility is None or metrics["probe_utility"] > best_utility:
+                best_round, best_utility = r, metrics["probe_utility"]
+                self.group.call("keep_best")
+            history = state.history + [metrics]
+            if should_stop([m["probe_proxy"] for m in history], [m["probe_utility"] for m in history],
+                           online.guard_rounds):
+                stopped = (f"over-optimization guard: the probe's RM reward rose while its gold utility fell for "
+                           f"{online.guard_rounds} rounds in a row up to round {r}; shipping round {best_round}")
+            metrics["probe_seconds"] = _lap(clock)
+        final = r + 1 >= online.rounds or bool(stopped)
         if online.publish_every and (r + 1) % online.publish_every == 0 and not final:
             clock = time.perf_counter()
             target = str(Path(online.out) / "policy" / f"round-{r:04d}")
@@ -104,11 +122,18 @@ class RoundController:
         new_state = RoundState(round=r + 1, steps=metrics["steps"], consumed_runs=state.consumed_runs + plan.fresh_runs,
                                consumed_partitions=state.consumed_partitions + plan.fresh_partitions,
                                baseline_runs=state.baseline_runs, pending_refresh_runs=pending, rm_dir=rm_dir,
-                               rm_version=rm_version, history=state.history + [metrics])
+                               rm_version=rm_version, history=state.history + [metrics], best_probe_round=best_round,
+                               best_probe_utility=best_utility, stopped=stopped)
         self.group.call("checkpoint", new_state, metrics, final)
         self.state = new_state
         self.sink.record_requests(r, plan.requests)
         self.sink.record(metrics)
+
+    def _run_probe(self) -> dict[str, float]:
+        """The averaged policy on the probe set: gold utility (oracle or judge) and the serving RM's reward."""
+        groups = self.group.call("probe", self.probe.requests, self.config.online.seed * 7919 + PROBE_SEED)
+        return {**self.probe.gold_utility(groups), "probe_proxy": float(self.group.call("score", groups).mean()),
+                "probe_judge": self.probe.gold.name}
 
     def _monitor(self, groups) -> dict[str, float]:
         """What the environment's oracle says of the round's own groups (nothing when it has none)."""
@@ -133,6 +158,8 @@ class OnlineReport:
     history: list[dict]
     rm_version: str
     seconds: float
+    best_probe_round: int = -1  # the round whose policy ships (online.ship=best_probe), -1 without a probe
+    stopped: str = ""  # why the rounds ended early, if they did
 
 
 def _initial_rm(config: PerfusionConfig, rm_dir: str | Path | None) -> Path:
@@ -171,6 +198,22 @@ def start_reward_endpoint(config: PerfusionConfig, rm_dir: str | Path) -> None:
         deploy(application_entry(config, config.source, model_dir=rm_dir))
 
 
+def _baseline_runs(config: PerfusionConfig, out: Path) -> list[str]:
+    """The ingest runs committed before the first round: logged feedback, not fresh (the RM already saw them).
+    Recorded when the run starts, so a resume that finds no round checkpoint (a crash during the first round)
+    does not take the crashed run's own ingests for baseline."""
+    from perfusion_ray.data.store import StoreLayout
+    from perfusion_ray.storage import atomic_write_json, read_json
+
+    path = out / "baseline_runs.json"
+    recorded = read_json(path)
+    if recorded is None:
+        recorded = StoreLayout(config.data.root, "train").committed_runs()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, recorded)
+    return list(recorded)
+
+
 class _Fit(threading.Thread):
     """trainer.fit() in a thread, so the controller drives the workers from the driver's main thread."""
 
@@ -192,7 +235,6 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     and export the final policy to <online.out>/pipeline."""
     import ray
 
-    from perfusion_ray.data.store import StoreLayout
     from perfusion_ray.storage import replace_directory
     from perfusion_ray.train.align_offline import policy_merchants
     from perfusion_ray.train.distributed import torch_trainer
@@ -210,21 +252,21 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     start_reward_endpoint(config, rm_path)
     workers = config.align.num_workers
     channel = ray.remote(CommandChannel).options(name=CHANNEL_NAME, num_cpus=0).remote(workers)
-    # Runs ingested before the loop are logged feedback, not fresh: the RM already saw them.
-    initial = RoundState(baseline_runs=StoreLayout(config.data.root, "train").committed_runs(), rm_dir=str(rm_path))
+    initial = RoundState(baseline_runs=_baseline_runs(config, out), rm_dir=str(rm_path))
     loop = RoundLoopConfig(config.model_dump(mode="json"), policy_merchants(config), CHANNEL_NAME, initial)
     fit = _Fit(torch_trainer(round_loop_per_worker, {"loop": loop}, config.align, config.cluster, RUN_NAME,
                              out / "ray_results", {}))
     fit.start()
     group = WorkerGroup(RoundWorker, channel, workers, fit, lambda: fit.error)
     rollouts = EndpointRollouts(config)
+    probe = build_probe(config, environment)
     sink = None
     try:
         state = group.wait_ready() or initial
         resumed_from = state.round
         state.rm_version = rollouts.ensure_rm(state.rm_dir)
         sink = MetricsSink(out, online.rounds, resumed_from, online.tensorboard, progress)
-        state = RoundController(config, environment, group, state, sink, rollouts).run()
+        state = RoundController(config, environment, group, state, sink, rollouts, probe).run()
         group.stop()
         fit.join()
     finally:
@@ -239,4 +281,4 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
             raise PerfusionError(f"the last checkpoint {fit.result.checkpoint.path} has no exported pipeline")
         replace_directory(exported, out / "pipeline")
     return OnlineReport(out / "pipeline", state.round, resumed_from, state.consumed_partitions, state.history,
-                        state.rm_version, time.perf_counter() - started)
+                        state.rm_version, time.perf_counter() - started, state.best_probe_round, state.stopped)

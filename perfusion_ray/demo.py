@@ -315,6 +315,8 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
                  f"{config.world.hours} hours of feedback",
                  feed.describe(len(online.consumed_partitions)),
                  f"{online.rounds} online rounds; reward model {online.rm_version}; pipeline saved to {out / 'pipeline'}",
+                 online.stopped or (f"shipped the averaged policy of round {online.best_probe_round}, the best on the "
+                                    f"probe set" if online.best_probe_round >= 0 else "shipped the last average"),
                  f"total {metrics['demo.seconds'] / 60:.1f} min{' (--quick)' if quick else ''}"]
         write_report(ReportInputs(metrics, evaluation.table, online.history, stages.titled(), grids, notes, machine()),
                      out)

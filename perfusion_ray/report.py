@@ -28,18 +28,24 @@ class ReportInputs:
     machine: str = ""
 
 
+PANELS = (("probe_utility", "probe utility: fixed held-out requests and noise (gold)"),
+          ("probe_proxy", "RM reward of the probe (proxy)"),
+          ("rm_reward", "RM reward (on-policy groups)"),
+          ("loss", "group objective loss"))
+
+
 def plot_rounds(rounds: list[dict], path: Path) -> None:
-    """RM reward and oracle utility of each round's on-policy groups, and the loss."""
+    """Per round: the probe set's gold utility (the learning curve) and RM reward, the RM reward of the
+    round's own groups, and the loss; 3-round means where there are enough rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     index = [m["round"] for m in rounds]
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for axis, key, title in zip(axes, ("rm_reward", "oracle_utility", "loss"),
-                                ("RM reward (on-policy groups)", "oracle utility (on-policy groups)",
-                                 "group objective loss")):
+    panels = [(key, title) for key, title in PANELS if any(key in m for m in rounds)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for axis, (key, title) in zip(axes[0], panels):
         values = np.array([m.get(key, np.nan) for m in rounds], dtype=float)
         axis.plot(index, values, marker="o", alpha=0.6, label="round")
         if len(values) >= 3:  # each round draws new requests: the trend is easier to see smoothed
@@ -92,7 +98,8 @@ def _fidelity_rows(metrics: dict) -> list[tuple[str, str, str]]:
 
 def round_rows(rounds: list[dict]) -> list[tuple]:
     """One row per round, in the columns of TABLES['rounds'] (the report and `perfusion align` print it)."""
-    return [(m["round"], f"{m['rm_reward']:.3f}", _number(m.get("oracle_utility")), f"{m['loss']:.3f}",
+    return [(m["round"], _number(m.get("probe_utility")), _number(m.get("probe_proxy")), f"{m['rm_reward']:.3f}",
+             _number(m.get("oracle_utility")), f"{m['loss']:.3f}",
              m["fresh_partitions"], f"{m['generate_seconds']:.0f}", f"{m['score_seconds']:.1f}",
              f"{m['optimize_seconds']:.0f}", f"{m['rm_refresh_seconds']:.0f}", m.get("rm_version", ""))
             for m in rounds]
@@ -106,8 +113,8 @@ TABLES = {
     "rm": ("held-out groups", "GAUC seen", "GAUC cold", "MAP seen", "MAP cold"),
     "align": ("held-out requests", "utility base", "utility aligned", "win rate (95% interval)", "personalization"),
     "fidelity": ("fidelity", "base", "aligned"),
-    "rounds": ("round", "RM reward", "oracle utility", "loss", "fresh partitions", "generate s", "score s",
-               "optimize s", "RM refresh s", "RM version"),
+    "rounds": ("round", "probe utility", "probe RM reward", "RM reward", "oracle utility", "loss",
+               "fresh partitions", "generate s", "score s", "optimize s", "RM refresh s", "RM version"),
     "time": ("stage", "seconds"),
 }
 
@@ -143,7 +150,8 @@ def _sections(inputs: ReportInputs, figures: dict[str, str]) -> list[tuple[str, 
     sections = [
         ("Summary", "text", [verdict] + inputs.notes),
         ("Reward model on held-out groups", "table", [TABLES["rm"], _rm_rows(inputs.rm_table)]),
-        ("Online rounds", "figure", [figures["rounds"], "RM reward, oracle utility and loss per round"]),
+        ("Online rounds", "figure", [figures["rounds"], "probe utility (gold), probe RM reward (proxy), RM reward of "
+                                                        "each round's groups and loss, per round"]),
         ("Per round", "table", [TABLES["rounds"], round_rows(inputs.rounds)]),
         ("Aligned vs base on held-out requests", "table", [TABLES["align"], _alignment_rows(m)]),
         ("Fidelity check (reward hacking would show here)", "table", [TABLES["fidelity"], _fidelity_rows(m)]),

@@ -9,7 +9,7 @@ import torch
 from perfusion_ray.objectives import group_preference_loss, group_preference_terms, plackett_luce_loss
 from perfusion_ray.objectives.group_preference import VARIANTS
 
-PREFERENCE_VARIANTS = ("pl", "multi_neg", "pairwise")
+PREFERENCE_VARIANTS = ("pl", "multi_neg", "pairwise", "dgpo")
 
 
 def diffusion_dpo(pol_w, pol_l, ref_w, ref_l, beta):

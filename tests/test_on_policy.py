@@ -64,3 +64,20 @@ def test_decay_zero_ships_the_last_round_and_bad_inputs_are_errors():
         average_weights(first, last, 1.0)
     with pytest.raises(ValueError, match="missing"):
         average_weights(first, {"v": torch.ones(2)}, 0.5)
+
+
+def test_ranking_grades_every_candidate_by_its_place_and_scores_keep_margins():
+    scores = np.array([[0.2, 0.9, -1.0, 0.5]])
+    assert reward_labels(scores, "ranking").tolist() == [[1, 3, 0, 2]]
+    assert np.allclose(reward_labels(scores, "scores"), scores)
+
+
+def test_the_guard_fires_only_after_enough_rounds_of_proxy_up_and_gold_down():
+    from perfusion_ray.rounds.guard import diverging_rounds, should_stop
+
+    proxy = [1.0, 1.2, 1.4, 1.6, 1.7]
+    gold = [0.50, 0.55, 0.54, 0.52, 0.51]  # the gold turns down after round 1
+    assert [diverging_rounds(proxy[:n], gold[:n]) for n in range(1, 6)] == [0, 0, 1, 2, 3]
+    assert not should_stop(proxy[:3], gold[:3], 2) and should_stop(proxy[:4], gold[:4], 2)
+    assert not should_stop(proxy, gold, 0)  # 0: off
+    assert not should_stop([1.0, 1.1, 1.0, 1.2], [0.5, 0.4, 0.45, 0.44], 2)  # one good round resets the count

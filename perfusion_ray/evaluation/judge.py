@@ -32,6 +32,10 @@ def judge_dir(config: PerfusionConfig) -> Path:
 class UtilityJudge(Protocol):
     name: str
 
+    def own(self, merchants: Sequence[Merchant], prompts: Sequence[str], images: np.ndarray) -> np.ndarray:
+        """[N]: the utility of image i for merchant i."""
+        ...
+
     def utilities(self, merchants: Sequence[Merchant], prompts: Sequence[str], images: np.ndarray,
                   population: Sequence[Merchant]) -> tuple[np.ndarray, np.ndarray]:
         """(utility of image i for merchant i, mean utility of image i for the other merchants of
@@ -44,6 +48,9 @@ class OracleJudge:
 
     def __init__(self, oracle: Oracle):
         self.oracle = oracle
+
+    def own(self, merchants, prompts, images):
+        return self.oracle.utility(merchants, images)
 
     def utilities(self, merchants, prompts, images, population):
         population = list(dict.fromkeys(population))
@@ -61,8 +68,11 @@ class RewardModelJudge:
     def __init__(self, model, seed: int = 0):
         self.model, self.seed = model, seed
 
+    def own(self, merchants, prompts, images):
+        return self.model.score(list(merchants), list(prompts), images)
+
     def utilities(self, merchants, prompts, images, population):
-        own = self.model.score(list(merchants), list(prompts), images)
+        own = self.own(merchants, prompts, images)
         population = list(dict.fromkeys(population))
         rng = np.random.default_rng(self.seed)
         others = np.zeros(len(merchants))

@@ -7,7 +7,8 @@ mean squared errors at one shared timestep and noise. Implicit reward r_k = -bet
   multi_neg  each positive against all negatives: -log(e^{r_p} / (e^{r_p} + sum_n e^{r_n}))
   pairwise   mean over all (P, N) pairs of -log sigmoid(r_p - r_n)  (Diffusion-DPO on every pair)
   sft        mean denoising error of the positives (no reference, no negatives)
-pl, multi_neg and pairwise equal Diffusion-DPO for one winner and one loser. The binary split is
+  dgpo       the field anchor: advantage-weighted better half against worse half (objectives/dgpo.py)
+pl, multi_neg, pairwise and dgpo equal Diffusion-DPO for one winner and one loser. The binary split is
 P = label > positive_threshold. Groups without a preference (no P or no N; for sft no P) are skipped
 and counted.
 """
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from perfusion_ray.objectives.ranking import _check, pairwise_logistic_loss, plackett_luce_loss
+from perfusion_ray.objectives.dgpo import _dgpo
+from perfusion_ray.objectives.ranking import _check, _pairwise_logistic, _plackett_luce
 
-VARIANTS = ("pl", "multi_neg", "pairwise", "sft")
+VARIANTS = ("pl", "multi_neg", "pairwise", "sft", "dgpo")
 
 
 @dataclass
@@ -55,20 +57,27 @@ def group_preference_terms(policy_err: torch.Tensor, ref_err: torch.Tensor, labe
     _check(policy_err, labels)
     if not torch.isfinite(ref_err).all():
         raise ValueError("ref_err contains NaN or infinite values")
+    loss, used = _group_loss(policy_err, ref_err, labels, beta, variant, generator, positive_threshold)
+    used = int(used)
+    return GroupLoss(loss, used, labels.shape[0] - used)
+
+
+def _group_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, labels: torch.Tensor, beta: float, variant: str,
+                generator: torch.Generator | None, positive_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, groups used) on checked inputs: the math alone, every tensor on the inputs' device."""
     rewards = -beta * (policy_err - ref_err)
     positive = labels > positive_threshold
     if variant == "pl":
-        loss, used = plackett_luce_loss(rewards, labels, generator)
-    elif variant == "multi_neg":
-        loss, used = _multi_negative(rewards, positive)
-    elif variant == "pairwise":
-        loss, used = pairwise_logistic_loss(rewards, positive.to(rewards.dtype))
-    else:
-        used_mask = positive.any(1)
-        per_group = (policy_err * positive).sum(1) / positive.sum(1).clamp(min=1)
-        loss, used = (per_group * used_mask).sum() / used_mask.sum().clamp(min=1), used_mask.sum()
-    used = int(used)
-    return GroupLoss(loss, used, labels.shape[0] - used)
+        return _plackett_luce(rewards, labels, generator, True)
+    if variant == "multi_neg":
+        return _multi_negative(rewards, positive)
+    if variant == "pairwise":
+        return _pairwise_logistic(rewards, positive.to(rewards.dtype), True)
+    if variant == "dgpo":
+        return _dgpo(rewards, labels)
+    used_mask = positive.any(1)
+    per_group = (policy_err * positive).sum(1) / positive.sum(1).clamp(min=1)
+    return (per_group * used_mask).sum() / used_mask.sum().clamp(min=1), used_mask.sum()
 
 
 def group_preference_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, labels: torch.Tensor, beta: float,

@@ -2,6 +2,10 @@
 
 Shapes: rewards and labels are [B, K]. A group whose labels are all equal carries no preference:
 it contributes nothing (no gradient) and is counted in the returned `groups_used`.
+
+Every tensor built here lives on the inputs' device. The public functions check values first (which reads
+them); the _-prefixed ones are the math alone, so tests can run them on tensors without values ("meta", or
+fake CUDA tensors) and catch a tensor made on the wrong device.
 """
 
 from __future__ import annotations
@@ -32,9 +36,21 @@ def plackett_luce_loss(rewards: torch.Tensor, labels: torch.Tensor, generator: t
     the graph when there is none), or per-group losses [B] (0 where unused) with reduce=False.
     """
     _check(rewards, labels)
-    batch, k = labels.shape
+    return _plackett_luce(rewards, labels, generator, reduce)
+
+
+def _tie_break(labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A random permutation of each row, on the labels' device. Drawn on the generator's device (a CPU generator
+    cannot draw CUDA numbers), so one seed gives the same order on every device."""
+    device = generator.device if generator is not None else labels.device
+    return torch.argsort(torch.rand(labels.shape, generator=generator, device=device).to(labels.device), dim=1)
+
+
+def _plackett_luce(rewards: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None,
+                   reduce: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    k = labels.shape[1]
     # Sort by label, highest first, in a random order within a tier: shuffle, then a stable sort.
-    shuffle = torch.argsort(torch.rand(batch, k, generator=generator, device=labels.device), dim=1)
+    shuffle = _tie_break(labels, generator)
     by_label = torch.sort(torch.gather(labels, 1, shuffle), dim=1, descending=True, stable=True).indices
     order = torch.gather(shuffle, 1, by_label)
     ranked_rewards = torch.gather(rewards, 1, order)
@@ -55,6 +71,10 @@ def pairwise_logistic_loss(rewards: torch.Tensor, labels: torch.Tensor,
     """Mean over every pair (i, j) with label_i > label_j of -log sigmoid(r_i - r_j) (Bradley-Terry on
     all K(K-1)/2 comparisons). Returns (loss, groups_used) like plackett_luce_loss."""
     _check(rewards, labels)
+    return _pairwise_logistic(rewards, labels, reduce)
+
+
+def _pairwise_logistic(rewards: torch.Tensor, labels: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, torch.Tensor]:
     better = labels[:, :, None] > labels[:, None, :]  # [B, K, K]
     margins = rewards[:, :, None] - rewards[:, None, :]
     pair_loss = torch.nn.functional.softplus(-margins) * better

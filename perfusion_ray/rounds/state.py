@@ -23,6 +23,9 @@ class RoundState:
     rm_dir: str = ""  # the reward model the endpoint serves
     rm_version: str = ""
     history: list[dict] = field(default_factory=list)  # one metrics record per round
+    best_probe_round: int = -1  # the round whose averaged policy scored best on the probe set (-1: no probe yet)
+    best_probe_utility: float | None = None
+    stopped: str = ""  # why the rounds stopped before online.rounds (the over-optimization guard), else empty
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

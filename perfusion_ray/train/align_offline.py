@@ -59,6 +59,17 @@ def build_worker_policy(config: PerfusionConfig, known: PolicyMerchants, device=
     return base, policy.to(device)
 
 
+def load_policy_weights(policy: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Gathered weights into a freshly built policy: every trainable parameter must be given (frozen ones and
+    buffers may be left out, they are what the fresh policy already holds)."""
+    missing, unexpected = policy.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()},
+                                                 strict=False)
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    if unexpected or trainable & set(missing):
+        raise PerfusionError(f"policy weights do not fit the policy: unexpected {sorted(unexpected)[:3]}, missing "
+                             f"trainable {sorted(trainable & set(missing))[:3]}")
+
+
 def export_pipeline(config: PerfusionConfig, known: PolicyMerchants, state_dict: dict[str, torch.Tensor] | None,
                     folder: Path) -> None:
     """Rebuild the policy on the CPU from gathered weights (None: the policy at initialisation, which is the
@@ -67,7 +78,7 @@ def export_pipeline(config: PerfusionConfig, known: PolicyMerchants, state_dict:
 
     base, policy = build_worker_policy(config, known)
     if state_dict is not None:
-        policy.load_state_dict({name: tensor.float() for name, tensor in state_dict.items()})
+        load_policy_weights(policy, state_dict)
     policy_pipeline(base, policy).save_pretrained(str(folder))
 
 

@@ -8,11 +8,13 @@ import numpy as np
 
 
 def reward_labels(scores: np.ndarray, split: str = "top_m", top_m: int = 1, margin: float = 0.5) -> np.ndarray:
-    """Binary labels [B, K] (1 = P) from RM scores [B, K].
+    """Labels [B, K] from RM scores [B, K].
 
-    top_m: the m best of each group (ties broken by position, so exactly m); margin: every candidate
-    within `margin` of its group's best score, so a group whose candidates all score alike has no N and
-    carries no gradient (the objective counts it as skipped).
+    top_m: binary, the m best of each group (ties broken by position, so exactly m); margin: binary, every
+    candidate within `margin` of its group's best score, so a group whose candidates all score alike has no
+    N and carries no gradient (the objective counts it as skipped); ranking: graded, the candidate's rank
+    in its group (0 for the worst, K-1 for the best), so pl ranks the whole group; scores: the scores
+    themselves, so an objective that weighs margins (dgpo) sees how much better a candidate is.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] < 2:
@@ -28,7 +30,11 @@ def reward_labels(scores: np.ndarray, split: str = "top_m", top_m: int = 1, marg
         return labels
     if split == "margin":
         return (scores >= scores.max(axis=1, keepdims=True) - margin).astype(np.float32)
-    raise ValueError(f"unknown split {split!r} (top_m or margin)")
+    if split == "ranking":
+        return np.argsort(np.argsort(scores, axis=1, kind="stable"), axis=1).astype(np.float32)
+    if split == "scores":
+        return scores.astype(np.float32)
+    raise ValueError(f"unknown split {split!r} (top_m, margin, ranking or scores)")
 
 
 def mix_sizes(batch_groups: int, logged_fraction: float, logged_available: int, policy_available: int) -> tuple[int, int]:

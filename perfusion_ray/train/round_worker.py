@@ -5,15 +5,20 @@ Each worker holds the frozen base and the policy in a DeepSpeed engine (ZeRO sta
 logged groups it mixes into every step, and a handle on the reward endpoint. Methods:
   generate       K images per request with the CURRENT policy; the noise of a request comes from
                  (noise seed, request id), so a request draws the same noise whichever rank gets it;
+  probe          the same with the averaged (published) policy: the probe set's images;
   score          the RM's scores of groups through the Serve deployment handle (on-policy);
   add_logged     fresh group files join the logged groups;
   train_steps    group-objective steps on a mix of this rank's on-policy share and logged groups, then the
-                 round-end weights fold into a moving average (online.policy_average_decay): the policy
-                 that is published and exported (a last iterate swings with its last few groups);
+                 round-end trainable weights fold into a moving average (online.policy_average_decay) on
+                 every rank: the policy that is probed, published and exported (a last iterate swings with
+                 its last few groups);
+  keep_best      remember the current average as the best probe policy (rank 0: it exports);
   refresh_rm     warm-start the RM on the groups consumed since the last refresh (DeepSpeed on the same
                  workers) and export it as a new version;
   export_policy  the averaged policy as a PerFusionPipeline (rank 0);
-  checkpoint     ray.train.report with the engine on every rank, the averaged policy and the RoundState.
+  checkpoint     ray.train.report with the engine on every rank, the averaged (and best) policy and the
+                 RoundState; the last round's checkpoint also holds the exported pipeline of the policy
+                 that ships (online.ship: the best probe policy, or the last average).
 Random draws are seeded by (seed, rank, round), so the round number restores them too.
 """
 
@@ -41,7 +46,8 @@ from perfusion_ray.train.on_policy import average_weights, mix_sizes
 from perfusion_ray.train.strategy import DeepSpeedStrategy
 from perfusion_ray.train.worker_group import Dispatch, dispatch
 
-AVERAGE_FILE = "policy_average.safetensors"  # in each round checkpoint: the averaged policy weights
+AVERAGE_FILE = "policy_average.safetensors"  # in each round checkpoint: the averaged policy's trainable weights
+BEST_FILE = "policy_best.safetensors"  # the average of the round with the best probe utility
 STATE_FILE = "state.json"
 
 
@@ -84,6 +90,8 @@ class RoundWorker:
                                           warmup_steps=align.warmup_steps)
         self.engine = self.strategy.prepare(self.policy)
         self.average: dict | None = None
+        self.best: dict | None = None
+        self._sampler = None  # the averaged policy as a pipeline, for the probe (built on first use)
         self.restored = self._restore()
         self.layout = StoreLayout(self.config.data.root, "train")
         state = self.restored or loop.initial
@@ -101,8 +109,10 @@ class RoundWorker:
             return None
         with checkpoint.as_directory() as folder:
             self.engine.load_checkpoint(folder, tag="engine")
-            if self.rank == 0 and (Path(folder) / AVERAGE_FILE).is_file():  # only rank 0 publishes and exports
+            if (Path(folder) / AVERAGE_FILE).is_file():
                 self.average = load_file(str(Path(folder) / AVERAGE_FILE))
+            if self.rank == 0 and (Path(folder) / BEST_FILE).is_file():  # only rank 0 exports
+                self.best = load_file(str(Path(folder) / BEST_FILE))
             return RoundState.from_json((Path(folder) / STATE_FILE).read_text())
 
     def restored_state(self) -> RoundState | None:
@@ -110,21 +120,58 @@ class RoundWorker:
 
     # ------------------------------------------------------------ generation and scoring
     @dispatch(Dispatch.SPLIT)
-    def generate(self, requests: list[Request], noise_seed: int, steps: int | None = None) -> GroupBatch:
-        """K = data.group_size images per request from the current policy; labels all zero."""
+    def generate(self, requests: list[Request], noise_seed: int) -> GroupBatch:
+        """K = data.group_size images per request from the current policy, with the rounds' sampler steps
+        (online.num_inference_steps); labels all zero."""
+        self.policy.eval()  # sampling sees every known id (the merchant encoder drops ids only in training)
+        groups = self._sample(self.pipeline, requests, noise_seed,
+                              self.config.online.num_inference_steps or self.config.policy.num_inference_steps)
+        self.policy.train()
+        return groups
+
+    @dispatch(Dispatch.SPLIT)
+    def probe(self, requests: list[Request], noise_seed: int) -> GroupBatch:
+        """K images per request from the averaged policy (what is published), with evaluation's sampler steps."""
+        return self._sample(self._averaged_pipeline(), requests, noise_seed, self.config.policy.num_inference_steps)
+
+    def _sample(self, pipeline, requests: list[Request], noise_seed: int, steps: int) -> GroupBatch:
         config = self.config
         k = config.data.group_size
+        if not requests:  # a rank whose share is empty
+            size = self.base.image_size
+            return GroupBatch([], [], [], np.zeros((0, k, size, size, 3), np.uint8), np.zeros((0, k), np.float32))
         noise = request_noise(requests, k, self.base.latent_shape, noise_seed)
         with torch.no_grad():
-            images = self.pipeline([r.prompt for r in requests], merchant=[r.merchant for r in requests],
-                                   num_images_per_prompt=k, latents=noise, output_type="np",
-                                   batch_size=config.align.eval.batch_size,
-                                   num_inference_steps=steps or config.policy.num_inference_steps,
-                                   guidance_scale=config.policy.guidance_scale,
-                                   personalize_unconditional=config.policy.personalize_unconditional).images
-        self.policy.train()
+            images = pipeline([r.prompt for r in requests], merchant=[r.merchant for r in requests],
+                              num_images_per_prompt=k, latents=noise, output_type="np",
+                              batch_size=config.align.eval.batch_size, num_inference_steps=steps,
+                              guidance_scale=config.policy.guidance_scale,
+                              personalize_unconditional=config.policy.personalize_unconditional).images
         images = images.reshape(len(requests), k, *images.shape[1:])
         return GroupBatch.from_requests(requests, images, np.zeros((len(requests), k), np.float32))
+
+    def _averaged_pipeline(self):
+        """A pipeline over a separate copy of the policy holding the averaged weights (the training engine's
+        module keeps the current ones)."""
+        from perfusion_ray.models.policy import policy_pipeline
+        from perfusion_ray.train.align_offline import load_policy_weights
+
+        if self._sampler is None:
+            # Under ZeRO-3 the engine's base weights are partitioned: the copy gets a base of its own.
+            base, policy = (build_worker_policy(self.config, self.known, self.device)
+                            if self.config.align.zero_stage == 3 else (self.base, self._fresh_policy()))
+            self._sampler = (base, policy)
+        base, policy = self._sampler
+        if self.average is not None:
+            load_policy_weights(policy, self.average)
+        return policy_pipeline(base, policy)
+
+    def _fresh_policy(self):
+        from perfusion_ray.models.policy import build_policy
+
+        config = self.config
+        return build_policy(self.base.unet, config.policy, config.align.adapter, tuple(self.known.stat_names),
+                            self.known.merchants).to(self.device)
 
     @dispatch(Dispatch.SPLIT)
     def score(self, groups: GroupBatch) -> np.ndarray:
@@ -170,9 +217,8 @@ class RoundWorker:
             used += result.groups_used
         seconds = time.perf_counter() - started
         fault_point(f"online:round{round_index}:optimized")
-        full_state = self.strategy.full_state_dict(self.engine)  # collective under ZeRO-3: every rank gathers
-        if self.rank == 0:  # rank 0 alone publishes and exports, so only it keeps the average
-            self.average = average_weights(self.average, full_state, online.policy_average_decay)
+        trained = self.strategy.trainable_state_dict(self.engine)  # collective under ZeRO-3: every rank gathers
+        self.average = average_weights(self.average, trained, online.policy_average_decay)
         means = _mean_over_ranks({"loss": float(np.mean(losses)), "reward_margin": float(np.mean(margins)),
                                   "reference_gap": float(np.mean(gaps)), "optimize_seconds": seconds})
         counts = all_reduce_sum([float(skipped), float(used)])
@@ -216,6 +262,15 @@ class RoundWorker:
 
     # ------------------------------------------------------------ export and checkpoint
     @dispatch(Dispatch.BROADCAST)
+    def keep_best(self) -> None:
+        """The current average becomes the best probe policy (rank 0 keeps it: only it exports)."""
+        if self.rank == 0:
+            self.best = {name: tensor.clone() for name, tensor in self.average.items()}
+
+    def _shipped(self) -> dict:
+        return self.best if self.config.online.ship == "best_probe" and self.best is not None else self.average
+
+    @dispatch(Dispatch.BROADCAST)
     def export_policy(self, target: str) -> str:
         """Rank 0 writes the averaged policy as a PerFusionPipeline to `target` (replaced atomically)."""
         from perfusion_ray.storage import replace_directory
@@ -236,8 +291,10 @@ class RoundWorker:
             from safetensors.torch import save_file
 
             save_file({n: t.contiguous() for n, t in self.average.items()}, str(folder / AVERAGE_FILE))
+            if self.best is not None:
+                save_file({n: t.contiguous() for n, t in self.best.items()}, str(folder / BEST_FILE))
             if final:
-                export_pipeline(self.config, self.known, self.average, folder / "pipeline")
+                export_pipeline(self.config, self.known, self._shipped(), folder / "pipeline")
 
         report_with_checkpoint(self.engine, asdict(state), metrics, export=extras)
         fault_point(f"online:round{state.round - 1}:checkpointed")

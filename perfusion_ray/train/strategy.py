@@ -69,6 +69,18 @@ class DeepSpeedStrategy:
         engine.step()
 
     @staticmethod
+    def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
+        """The trainable parameters in full, on every rank, on the CPU (ZeRO-3 shards are gathered first): what
+        changes during training, so what an average of policies needs to keep."""
+        import deepspeed
+
+        named = [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
+        if engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {name: p.detach().clone().cpu() for name, p in named}
+        return {name: p.detach().clone().cpu() for name, p in named}
+
+    @staticmethod
     def full_state_dict(engine) -> dict[str, torch.Tensor]:
         """Every parameter and buffer in full, on every rank (ZeRO-3 shards are gathered first)."""
         import deepspeed
