@@ -55,7 +55,7 @@ def build_requests(config: PerfusionConfig, count: int, seed: int = 0) -> Reques
     from perfusion_ray.records import Merchant
     from perfusion_ray.world.attributes import COLOURS
     from perfusion_ray.world.catalogue import prompt_text
-    from perfusion_ray.world.fashion_mnist import CLASS_NAMES
+    from perfusion_ray.models.class_names import CLASS_NAMES
 
     merchants = [Merchant(m["id"], m["features"], m["stats"])
                  for m in page_merchants(config, config.world.num_merchants)]

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from perfusion_ray.config import DEFAULT_CONFIG, PerfusionConfig, load_config
+from perfusion_ray.console import quiet_libraries, say, table
 from perfusion_ray.errors import PerfusionError
 
 
@@ -18,11 +20,17 @@ def _config(args: argparse.Namespace) -> PerfusionConfig:
     return load_config(args.config, args.set)
 
 
-def _table(rows: list[tuple], header: tuple[str, ...]) -> str:
-    rows = [tuple(str(cell) for cell in row) for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+_table = table
+
+
+@contextmanager
+def _logged(args: argparse.Namespace, log_file: Path):
+    """A long command's console: our lines on the terminal, the libraries' output in `log_file` (--verbose:
+    everything on the terminal)."""
+    if not args.verbose:
+        say(f"log: {log_file}")
+    with quiet_libraries(log_file, args.verbose):
+        yield
 
 
 def _splits(value: str) -> list[str]:
@@ -36,7 +44,7 @@ def cmd_world_simulate(args: argparse.Namespace) -> int:
     config = _config(args)
     for split in _splits(args.split):
         report = simulate(config, split)
-        print(f"simulated {split}: {report.requests} requests, {report.events} events in "
+        say(f"simulated {split}: {report.requests} requests, {report.events} events in "
               f"{len(report.partitions)} hourly partitions under {config.data.root}/{split}/feedback "
               f"({report.seconds:.1f}s); oracle GAUC ceiling {report.oracle_gauc:.3f}")
     return 0
@@ -46,11 +54,11 @@ def cmd_world_simulate(args: argparse.Namespace) -> int:
 def _print_ingest(report) -> None:
     c = report.counts
     if report.recovered_runs:
-        print(f"recovered {len(report.recovered_runs)} committed run(s) missing from the watermark")
+        say(f"recovered {len(report.recovered_runs)} committed run(s) missing from the watermark")
     if report.run_id is None:
-        print(f"ingest {report.split}: no new partitions past the watermark")
+        say(f"ingest {report.split}: no new partitions past the watermark")
         return
-    print(f"ingest {report.split} run {report.run_id} ({report.engine}, {report.seconds:.1f}s): "
+    say(f"ingest {report.split} run {report.run_id} ({report.engine}, {report.seconds:.1f}s): "
           f"{len(report.files)} partition file(s), {c.rows_read} rows read = {c.rows_grouped} grouped + "
           f"{c.rows_quarantined} quarantined; {c.groups} group examples; {c.files_quarantined} file(s) quarantined whole")
 
@@ -65,8 +73,8 @@ def cmd_data_ingest(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary) -> None:
-    print(f"\n== {summary.split} ==")
-    print(_table([
+    say(f"\n== {summary.split} ==")
+    say(_table([
         ("partition files", summary.partition_files), ("consumed (watermark)", summary.consumed_files),
         ("pending", summary.pending_files), ("ingest runs", summary.ingest_runs),
         ("group examples", summary.groups), ("merchants", summary.merchants),
@@ -75,9 +83,9 @@ def _print_summary(summary) -> None:
         ("quarantined files", summary.quarantined_files),
     ], ("", "count")))
     if summary.label_counts:
-        print("\n" + _table([(f"{label:g}", n) for label, n in summary.label_counts.items()], ("label", "candidates")))
+        say("\n" + _table([(f"{label:g}", n) for label, n in summary.label_counts.items()], ("label", "candidates")))
     if summary.quarantine_reasons:
-        print("\n" + _table(list(summary.quarantine_reasons.items()), ("quarantine reason", "rows")))
+        say("\n" + _table(list(summary.quarantine_reasons.items()), ("quarantine reason", "rows")))
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -95,10 +103,10 @@ def cmd_data_adapt(args: argparse.Namespace) -> int:
 
     config = _config(args)
     report = adapt_file(args.kind, args.input, args.out, StoreLayout(config.data.root).images_uri, ties=args.ties)
-    print(f"{args.kind}: {report.rows_read} rows read = {report.groups_written} groups + {report.ties_dropped} "
+    say(f"{args.kind}: {report.rows_read} rows read = {report.groups_written} groups + {report.ties_dropped} "
           f"ties dropped + {report.rows_rejected} rejected ({report.ties} ties); written to {args.out}")
     for reason, count in report.reasons.items():
-        print(f"  rejected {count}: {reason}")
+        say(f"  rejected {count}: {reason}")
     return 0
 
 
@@ -129,10 +137,12 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
         runs.append(("plug-in-off baseline", _baseline_config(config), "train", None))
     if args.judge:  # the judge trains on held-out feedback only (evaluation/judge.py)
         runs = ([] if args.judge_only else runs) + [("judge (holdout split)", config, "holdout", judge_dir(config).parent)]
-    for kind, run_config, split, out in runs:
-        report = train_reward_model(run_config, resume=args.resume, split=split, out=out)
-        print(f"{kind}: best validation GAUC {report.best_val_gauc:.3f} after {report.epochs} epoch(s), "
-              f"{report.seconds:.0f}s; exported to {report.model_dir}")
+    with _logged(args, Path(config.rm.out) / "logs" / "rm-train.log"):
+        for kind, run_config, split, out in runs:
+            say(f"training {kind} on the {split} split (Ray Train + DeepSpeed)")
+            report = train_reward_model(run_config, resume=args.resume, split=split, out=out)
+            say(f"{kind}: best validation GAUC {report.best_val_gauc:.3f} after {report.epochs} epoch(s), "
+                f"{report.seconds:.0f}s; exported to {report.model_dir}")
     return 0
 
 
@@ -154,22 +164,22 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
             m = subsets[subset]
             rows.append((f"{scorer} ({subset})", f"{m['gauc']:.3f}", f"{m['map']:.3f}", f"{m['auc']:.3f}",
                          f"{m['logloss']:.3f}"))
-    print(_table(rows, ("held-out groups", "GAUC", "MAP", "AUC", "logloss")))
+    say(_table(rows, ("held-out groups", "GAUC", "MAP", "AUC", "logloss")))
     rm = evaluation.table["perfusion_rm"]
-    print(f"\ngroups with P and N: seen {evaluation.groups['seen']}, cold start {evaluation.groups['cold']} "
+    say(f"\ngroups with P and N: seen {evaluation.groups['seen']}, cold start {evaluation.groups['cold']} "
           f"(cold start: merchants absent from the train split's groups)")
     if "oracle" in evaluation.table:
         oracle = evaluation.table["oracle"]
-        print(f"PerFusionRM / oracle ceiling: seen {rm['seen']['gauc'] / oracle['seen']['gauc']:.1%}, "
+        say(f"PerFusionRM / oracle ceiling: seen {rm['seen']['gauc'] / oracle['seen']['gauc']:.1%}, "
               f"cold {rm['cold']['gauc'] / oracle['cold']['gauc']:.1%}")
     if "oracle_side_features" in evaluation.table:
         side = evaluation.table["oracle_side_features"]
-        print(f"PerFusionRM / side-feature oracle (E[taste | observable features], perfect attributes): seen "
+        say(f"PerFusionRM / side-feature oracle (E[taste | observable features], perfect attributes): seen "
               f"{rm['seen']['gauc'] / side['seen']['gauc']:.1%}, cold {rm['cold']['gauc'] / side['cold']['gauc']:.1%}")
     metrics = evaluation.flat_metrics()
     out = args.metrics or Path(config.rm.out) / "metrics.json"
     atomic_write_json(out, metrics)
-    print(f"metrics: {out}")
+    say(f"metrics: {out}")
     return 0
 
 
@@ -181,9 +191,12 @@ def cmd_align_train(args: argparse.Namespace) -> int:
         raise PerfusionError("`perfusion align train` needs --offline (logged groups); the online rounds are "
                              "`perfusion align` with no action")
     config = _config(args)
-    report = train_alignment(config, resume=args.resume)
+    with _logged(args, Path(config.align.out) / "logs" / "align-train.log"):
+        say(f"training the policy offline ({config.align.variant}, {config.align.max_steps} steps, Ray Train + "
+            f"DeepSpeed ZeRO-{config.align.zero_stage})")
+        report = train_alignment(config, resume=args.resume)
     resumed = f", resumed from step {report.resumed_from_step}" if report.resumed_from_step else ""
-    print(f"aligned ({config.align.variant}, {config.align.adapter}): {report.steps} steps over "
+    say(f"aligned ({config.align.variant}, {config.align.adapter}): {report.steps} steps over "
           f"{report.groups_trained} groups in {report.seconds:.0f}s (optimizer loop {report.train_seconds:.0f}s"
           f"{resumed}), {report.denoiser_passes_per_group:.1f} denoiser passes per group, last loss "
           f"{report.final_loss:.3f}; pipeline: {report.pipeline_dir}")
@@ -193,22 +206,24 @@ def cmd_align_train(args: argparse.Namespace) -> int:
 def _print_rounds(history: list[dict]) -> None:
     from perfusion_ray.report import TABLES, round_rows
 
-    print(_table(round_rows(history), TABLES["rounds"]))
+    say(_table(round_rows(history), TABLES["rounds"]))
 
 
 def cmd_align_online(args: argparse.Namespace) -> int:
     from perfusion_ray.coordinator import run_online
 
     config = _config(args)
-    report = run_online(config, resume=args.resume, rm_dir=args.rm)
+    with _logged(args, Path(config.online.out) / "logs" / "align.log"):
+        say(f"online rounds: {config.online.rounds} rounds of {config.online.requests_per_round} requests")
+        report = run_online(config, resume=args.resume, rm_dir=args.rm)
     _print_rounds(report.history)
     resumed = f", resumed from round {report.resumed_from_round}" if report.resumed_from_round else ""
-    print(f"\n{report.rounds} rounds in {report.seconds:.0f}s{resumed}; {len(report.consumed_partitions)} fresh "
+    say(f"\n{report.rounds} rounds in {report.seconds:.0f}s{resumed}; {len(report.consumed_partitions)} fresh "
           f"partitions consumed; RM {report.rm_version}; pipeline: {report.pipeline_dir}")
     if report.stopped:
-        print(report.stopped)
+        say(report.stopped)
     elif report.best_probe_round >= 0:
-        print(f"shipped: the averaged policy of round {report.best_probe_round}, the best on the probe set")
+        say(f"shipped: the averaged policy of round {report.best_probe_round}, the best on the probe set")
     return 0
 
 
@@ -240,16 +255,16 @@ def cmd_align_eval(args: argparse.Namespace) -> int:
     pipeline_dir = args.pipeline or Path(config.align.out) / "pipeline"
     out = args.out or Path(config.align.out) / "eval"
     metrics = evaluate_alignment(config, pipeline_dir, out, judge_dir=args.judge).metrics
-    print(_table(alignment_rows(metrics), ALIGNMENT_HEADER))
+    say(_table(alignment_rows(metrics), ALIGNMENT_HEADER))
     if "align.agreement.rank_correlation" in metrics:
-        print(f"\njudge vs oracle: rank correlation of per-request gains "
+        say(f"\njudge vs oracle: rank correlation of per-request gains "
               f"{metrics['align.agreement.rank_correlation']:+.2f}; win rate difference (judge - oracle) "
               f"{metrics.get('align.agreement.win_rate_difference', float('nan')):+.1%}")
     fidelity = [f"{name.split('.')[-1]} {metrics[name + '.base']:.1%} base -> {metrics[name]:.1%} aligned"
                 for name in sorted(metrics) if name.startswith("align.fidelity.") and name + ".base" in metrics]
     if fidelity:
-        print("fidelity: " + "; ".join(fidelity))
-    print(f"metrics: {out / 'metrics.json'}; base vs aligned grid: {out / 'grid.png'}")
+        say("fidelity: " + "; ".join(fidelity))
+    say(f"metrics: {out / 'metrics.json'}; base vs aligned grid: {out / 'grid.png'}")
     return 0
 
 
@@ -265,7 +280,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: simulate -> ingest -> RM -> serve -> online rounds -> evaluate -> report."""
     from perfusion_ray.demo import run_demo
 
-    metrics = run_demo(_config(args), quick=args.quick, out=args.out, through_endpoints=args.through_endpoints)
+    with _logged(args, args.out / "logs" / "demo.log"):
+        metrics = run_demo(_config(args), quick=args.quick, out=args.out, through_endpoints=args.through_endpoints)
     from perfusion_ray.evaluation.alignment import win_rate_text
 
     rows = [(split, f"{metrics[f'rm.gauc.{split}']:.3f}", f"{metrics[f'rm.gauc.oracle' + ('' if split == 'seen' else '.cold')]:.3f}",
@@ -273,16 +289,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
              win_rate_text(metrics, f".{split}", "oracle"),
              win_rate_text(metrics, f".{split}", "judge") if f"align.judge.win_rate.{split}" in metrics else "-")
             for split in ("seen", "cold")]
-    print()
-    print(_table(rows, ("merchants", "RM GAUC", "oracle GAUC", "utility base", "utility aligned",
+    say()
+    say(_table(rows, ("merchants", "RM GAUC", "oracle GAUC", "utility base", "utility aligned",
                         "win rate (oracle)", "win rate (judge)")))
-    print(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} -> "
+    say(f"\nfidelity: class accuracy {metrics['align.fidelity.class_acc.base']:.1%} -> "
           f"{metrics['align.fidelity.class_acc']:.1%}; demo took {metrics['demo.seconds'] / 60:.1f} min")
     if args.through_endpoints:
-        print(f"events through the endpoints: sent {metrics['endpoints.events.sent']:.0f}, stored "
+        say(f"events through the endpoints: sent {metrics['endpoints.events.sent']:.0f}, stored "
               f"{metrics['endpoints.events.stored']:.0f}, ingested {metrics['endpoints.events.grouped']:.0f} + "
               f"quarantined {metrics['endpoints.events.quarantined']:.0f}")
-    print(f"report: {args.out / 'report.html'} (and report.md); metrics: {args.out / 'metrics.json'}; "
+    say(f"report: {args.out / 'report.html'} (and report.md); metrics: {args.out / 'metrics.json'}; "
           f"pipeline: {args.out / 'pipeline'}")
     return 0
 
@@ -293,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, default=None, help=f"YAML config (default {DEFAULT_CONFIG.name})")
     common.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set rm.lr=1e-4 (repeatable)")
+    common.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' output in the "
+                                                               "terminal instead of the run's log file")
     parser = argparse.ArgumentParser(prog="perfusion", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -173,9 +173,15 @@ class PolicyConfig(Section):
 class AlignEvalConfig(Section):
     """`perfusion align eval`: base vs aligned images on held-out requests, same starting noise."""
 
-    requests_per_merchant: int = Field(2, ge=1, description="held-out requests per merchant (seen and cold)")
+    requests_per_merchant: int = Field(2, ge=1, description="held-out requests per merchant (seen and cold), when "
+                                                            "requests_per_split is not set")
+    requests_per_split: int | None = Field(
+        None, ge=1, description="held-out requests for seen and for cold-start merchants each, taken round-robin over "
+                                "the split's merchants (a win rate's 95% interval is about +-8 points at 120 requests "
+                                "and a rate of 0.75); None: requests_per_merchant per merchant")
     images_per_request: int = Field(4, ge=1, description="K images per request and model")
-    open_only: bool = Field(True, description="only requests that leave colour, shade or pattern open")
+    open_only: bool = Field(True, description="only requests where the environment says taste can show (FashionWorld: "
+                                              "the prompt leaves colour, shade or pattern open)")
     seed: int = Field(1, description="seed of the starting noise shared by base and aligned")
     batch_size: int = Field(64, ge=1)
 

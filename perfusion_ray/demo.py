@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from perfusion_ray.config import PerfusionConfig
+from perfusion_ray.console import Stages, say
 
 # --quick: the same stages on a world small enough for a smoke run of a few minutes (a value already
 # smaller in the config stays: --quick never makes a run bigger).
@@ -41,26 +40,6 @@ def quick_config(config: PerfusionConfig) -> PerfusionConfig:
 
     shrink(raw, QUICK_OVERRIDES)
     return PerfusionConfig.model_validate(raw)
-
-
-@dataclass
-class Stages:
-    """Wall time per stage, printed as the demo goes."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    titles: dict[str, str] = field(default_factory=dict)
-    total: int = 7
-
-    @contextmanager
-    def stage(self, key: str, title: str):
-        print(f"\n[demo {len(self.seconds) + 1}/{self.total}] {title}", flush=True)
-        started = time.perf_counter()
-        yield
-        self.seconds[key], self.titles[key] = time.perf_counter() - started, title
-        print(f"[demo] {title}: {self.seconds[key]:.0f}s", flush=True)
-
-    def titled(self) -> dict[str, float]:
-        return {self.titles[key]: seconds for key, seconds in self.seconds.items()}
 
 
 class LiveFeed(threading.Thread):
@@ -241,7 +220,7 @@ def ingest_both_splits(config: PerfusionConfig) -> None:
 
     for split in ("train", "holdout"):
         report = ingest(config, split)
-        print(f"  {split}: {report.counts.groups} groups, {report.counts.rows_quarantined} rows quarantined "
+        say(f"      {split}: {report.counts.groups} groups, {report.counts.rows_quarantined} rows quarantined "
               f"with reasons, {report.counts.files_quarantined} files quarantined")
 
 
@@ -273,7 +252,7 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
         config = endpoint_config(config)
     config = config.with_absolute_paths()
     out = Path(out).absolute()
-    stages = Stages()
+    stages = Stages(7)
     metrics: dict[str, float] = {}
     with stages.stage("simulate", "simulate FashionWorld"):
         fresh_store(config, out)

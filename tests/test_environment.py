@@ -107,3 +107,22 @@ def test_the_fashionworld_oracle_refuses_merchants_of_another_world(logged_store
     assert oracle.utility([Merchant("m0000")], images).shape == (1,)
     with pytest.raises(PerfusionError, match="shop-b3"):
         oracle.utility([Merchant("shop-b3")], images)
+
+
+def test_evaluation_takes_requests_per_split_round_robin_over_merchants(tmp_path):
+    from perfusion_ray.evaluation.alignment import evaluation_requests
+
+    config = load_config(None, TINY_OVERRIDES + [f"data.root={tmp_path / 'data'}", "world.hours=4",
+                                                 "world.holdout_requests_per_merchant=6"])
+    for split in ("train", "holdout"):
+        simulate(config, split, progress=False)
+        ingest(config, split, engine="local")
+    environment = build_environment(config)
+    config.align.eval.requests_per_split = 10
+    picked = evaluation_requests(config, environment)
+    assert int((~picked.cold).sum()) == 10 and int(picked.cold.sum()) == 10
+    per_merchant = Counter(r.merchant.id for r in picked.requests)
+    cold_counts = [n for r, n in per_merchant.items() if r in {q.merchant.id for q, c in zip(picked.requests, picked.cold) if c}]
+    assert max(cold_counts) - min(cold_counts) <= 1  # spread evenly over the cold-start merchants
+    assert all(environment.prompt_is_open(r.prompt) for r in picked.requests)
+    assert [r.request_id for r in picked.requests] == sorted(r.request_id for r in picked.requests)

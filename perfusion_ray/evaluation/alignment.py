@@ -59,7 +59,8 @@ class AlignEvaluation:
 
 
 def evaluation_requests(config: PerfusionConfig, environment: Environment) -> EvalRequests:
-    """Held-out requests, the first few per merchant in request-id order."""
+    """Held-out requests in request-id order: the first align.eval.requests_per_merchant of every merchant, or
+    align.eval.requests_per_split of each split (seen, cold start) taken round-robin over its merchants."""
     from perfusion_ray.data.group_examples import read_group_table
     from perfusion_ray.data.store import StoreLayout
     from perfusion_ray.evaluation.reward_model import train_merchant_ids
@@ -71,20 +72,34 @@ def evaluation_requests(config: PerfusionConfig, environment: Environment) -> Ev
     rows = sorted(table.select(["request_id", "merchant_id", "merchant_features", "merchant_stats", "prompt"])
                   .to_pylist(), key=lambda r: r["request_id"])
     evaluation = config.align.eval
-    taken: dict[str, int] = {}
-    picked = []
+    by_merchant: dict[str, list[Request]] = {}
     for row in rows:
         if evaluation.open_only and not environment.prompt_is_open(row["prompt"] or ""):
             continue
-        if taken.get(row["merchant_id"], 0) >= evaluation.requests_per_merchant:
-            continue
-        taken[row["merchant_id"]] = taken.get(row["merchant_id"], 0) + 1
-        picked.append(Request(row["request_id"], Merchant.from_record(row), row["prompt"] or ""))
-    if not picked:
+        by_merchant.setdefault(row["merchant_id"], []).append(
+            Request(row["request_id"], Merchant.from_record(row), row["prompt"] or ""))
+    if not by_merchant:
         raise PerfusionError("no held-out request qualifies for evaluation",
                              hint="set align.eval.open_only=false to evaluate every held-out request")
     seen = train_merchant_ids(config.data.root)
+    if evaluation.requests_per_split is None:
+        picked = [r for requests in by_merchant.values() for r in requests[:evaluation.requests_per_merchant]]
+    else:
+        picked = []
+        for cold in (False, True):
+            split = [requests for merchant, requests in by_merchant.items() if (merchant not in seen) == cold]
+            picked += _round_robin(split, evaluation.requests_per_split)
+    picked.sort(key=lambda r: r.request_id)
     return EvalRequests(picked, np.array([r.merchant.id not in seen for r in picked]))
+
+
+def _round_robin(queues: list[list[Request]], count: int) -> list[Request]:
+    """Up to `count` requests, one from each queue in turn (each merchant's in request-id order)."""
+    picked, depth = [], 0
+    while len(picked) < count and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)][: count - len(picked)]
+        depth += 1
+    return picked
 
 
 def win_rate(aligned: np.ndarray, base: np.ndarray) -> float:

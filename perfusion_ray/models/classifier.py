@@ -17,7 +17,6 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from perfusion_ray.models.class_names import CLASS_NAMES  # noqa: F401 - predict() returns indices into it
 
 ITEM_SIZE = 28  # Fashion-MNIST items; FashionWorld canvases put them in the centre with a 2-pixel border
 
@@ -80,7 +79,7 @@ class FashionClassifier(ModelMixin, ConfigMixin):
         return np.concatenate(out) if out else np.zeros((0, self.config.num_classes), np.float32)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """RGB images [N, S, S, 3] -> class indices [N] (CLASS_NAMES)."""
+        """RGB images [N, S, S, 3] -> class indices [N] (models/class_names.py: CLASS_NAMES)."""
         return self.predict_proba(images).argmax(1)
 
 

@@ -15,7 +15,9 @@ class MetricsSink:
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=rounds, initial=first, desc="online rounds", unit="round")
+            from perfusion_ray.console import stream
+
+            self._bar = tqdm(total=rounds, initial=first, desc="online rounds", unit="round", file=stream())
 
     def record_requests(self, round_index: int, requests) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def build_probe(config: PerfusionConfig, environment: Environment) -> Probe | No
     if count == 0 or gold is None:
         return None
     one_each = config.model_copy(deep=True)
-    one_each.align.eval.requests_per_merchant = 1
+    one_each.align.eval.requests_per_merchant, one_each.align.eval.requests_per_split = 1, None
     try:
         held_out = evaluation_requests(one_each, environment)
     except PerfusionError:  # a store without held-out requests: the rounds run unprobed

@@ -11,7 +11,7 @@ Unknown fields are refused (422), so a typo in a field name never silently drops
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfusion_ray.world.attributes import COLOURS, PATTERNS, SHADES, Attributes, render
-from perfusion_ray.world.fashion_mnist import CLASS_NAMES, FashionMNIST
+from perfusion_ray.models.class_names import CLASS_NAMES
+from perfusion_ray.world.fashion_mnist import FashionMNIST
 
 _PLURAL_NOUNS = {"trousers"}
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from perfusion_ray.errors import PerfusionError
-from perfusion_ray.models.class_names import CLASS_NAMES  # noqa: F401 - the dataset's label names, world-wide
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_COMMAND = "sudo apt-get install -y dataset-fashion-mnist"
 _SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -27,7 +26,7 @@ _SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 @dataclass(frozen=True)
 class FashionMNIST:
     images: np.ndarray  # uint8 [N, 28, 28], white item on black
-    labels: np.ndarray  # int64 [N], 0..9 (CLASS_NAMES)
+    labels: np.ndarray  # int64 [N], 0..9 (models/class_names.py: CLASS_NAMES)
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.world.attributes import COLOURS, PATTERNS, PROFILE_NAMES, SHADES
-from perfusion_ray.world.fashion_mnist import CLASS_NAMES
+from perfusion_ray.models.class_names import CLASS_NAMES
 
 _VOCABULARY = {"colour": COLOURS, "shade": SHADES, "pattern": PATTERNS}
 
