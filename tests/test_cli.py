@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +14,9 @@ from ray import serve
 
 from perfusion_ray.cli import main
 from perfusion_ray.data.store import StoreLayout
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, free_port
+
+PERFUSION = Path(sys.executable).with_name("perfusion")
 
 
 def _args(tmp_path) -> list[str]:
@@ -47,18 +50,29 @@ def test_simulate_then_inspect_shows_pending_partitions(tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_demo_runs_end_to_end_and_writes_report_metrics_and_pipeline(tmp_path, ray_cluster):
+def test_demo_runs_end_to_end_with_a_console_a_person_can_follow(tmp_path, subprocess_env):
+    """`perfusion demo --quick` as a user runs it: stage lines, the rounds' progress bar and the summary on the
+    terminal (no Ray INFO lines), the libraries' output in the log file; report, metrics and pipeline written."""
     out = tmp_path / "out"
     smaller = ["world.faulty_event_rate=0.02", f"rm.out={out / 'rm'}", f"online.out={out / 'online'}",
-               "rm.epochs=1", "online.steps_per_round=2", "policy.num_inference_steps=4",
-               "serve.app_name=demo-reward", "serve.route_prefix=/demo-reward"]
-    args = ["demo", "--quick", "--out", str(out)] + _args(tmp_path)
+               "rm.epochs=1", "online.steps_per_round=2", "policy.num_inference_steps=4", "online.probe_requests=4",
+               "serve.app_name=demo-reward", "serve.route_prefix=/demo-reward", f"serve.port={free_port()}"]
+    command = [str(PERFUSION), "demo", "--quick", "--out", str(out)] + _args(tmp_path)
     for item in smaller:
-        args += ["--set", item]
+        command += ["--set", item]
     try:
-        assert main(args) == 0
+        run = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=subprocess_env)
     finally:
         serve.shutdown()  # the demo leaves its endpoint up on the session's cluster; later tests pick their own port
+    console = (run.stdout + run.stderr).replace("\r", "\n")
+    assert run.returncode == 0, console[-4000:]
+    lines = [line for line in console.splitlines() if line.strip()]
+    assert len(lines) < 80, "\n".join(lines)
+    assert all(f"[{n}/7]" in console for n in range(1, 8))
+    assert "win rate (oracle)" in console and "report:" in console
+    assert not [line for line in lines if " INFO " in line or "Reporting training result" in line]
+    log = out / "logs" / "demo.log"
+    assert f"log: {log}" in console and "INFO" in log.read_text()
     for split in ("train", "holdout"):  # broken events are quarantined with their reason, not dropped
         layout = StoreLayout(str(tmp_path / "data"), split)
         assert layout.output_files("groups")
@@ -72,5 +86,6 @@ def test_demo_runs_end_to_end_and_writes_report_metrics_and_pipeline(tmp_path, r
         assert key in metrics, key
     report = (out / "report.md").read_text()
     assert "Reward model on held-out groups" in report and "report_files/rounds.png" in report
+    assert "probe" in report
     assert (out / "report.html").is_file() and (out / "report_files" / "grid-0.png").is_file()
     assert (out / "pipeline" / "model_index.json").is_file()
