@@ -27,6 +27,7 @@ def page(ray_cluster, tmp_path_factory, tiny_pipelines):
     from perfusion_ray.serve import apps
 
     torch.set_num_threads(1)
+    browser = Browser(free_port())  # first: without a browser, nothing is left deployed for the next module
     store = tmp_path_factory.mktemp("browser") / "store"
     port = free_port()
     overrides = [f"serve.port={port}", "policy.num_inference_steps=2", f"data.root={store}",
@@ -38,7 +39,6 @@ def page(ray_cluster, tmp_path_factory, tiny_pipelines):
     entry.update(name="bdesign", route_prefix="/bdesign", args={"config": entry["args"]["config"], "set": overrides})
     entry["deployments"][0]["user_config"] = {"pipeline_dir": str(tiny_pipelines["v1"])}
     apps.deploy(entry, timeout_s=180)
-    browser = Browser(free_port())
     yield {"url": f"http://127.0.0.1:{port}/bdesign/", "store": store, "browser": browser,
            "version": pipeline_version(tiny_pipelines["v1"])}
     browser.close()

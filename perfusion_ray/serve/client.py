@@ -18,6 +18,7 @@ images: uint8 [N, H, W, 3] array, or a sequence of [H, W, 3] arrays, or of PNG b
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -57,15 +58,17 @@ def http_transient(exc: BaseException) -> bool:
 
 
 class RewardClient:
-    """HTTP client. url: the app's root (http://127.0.0.1:8000 by default); token: the bearer token."""
+    """HTTP client. url: the app's root (http://127.0.0.1:8000 by default); token: the bearer token;
+    observe: called with the status of every answer received, retried ones included (metrics, drills)."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout_s: float = 30.0,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), observe: Callable[[int], None] | None = None):
         import requests
 
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.retry = retry
+        self.observe = observe
         self._session = requests.Session()
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
@@ -84,7 +87,10 @@ class RewardClient:
     def _call(self, method: str, route: str, body: dict | None = None) -> dict:
         """One idempotent call, sent again through a replica loss (see the module's docstring)."""
         def send() -> dict:
-            return self._check(self._session.request(method, f"{self.url}{route}", json=body, timeout=self.timeout_s))
+            response = self._session.request(method, f"{self.url}{route}", json=body, timeout=self.timeout_s)
+            if self.observe is not None:
+                self.observe(response.status_code)
+            return self._check(response)
 
         return call_with_retries(send, http_transient, self.retry)
 

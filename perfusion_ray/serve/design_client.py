@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from typing import Protocol, Sequence
 
 from perfusion_ray.records import Merchant
@@ -68,8 +69,8 @@ class DesignClient(RewardClient):
     token of the proxy (config.serve), not a request's token."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000/design", token: str | None = None, timeout_s: float = 120.0,
-                 retry: RetryPolicy = RetryPolicy()):
-        super().__init__(url, token, timeout_s, retry)
+                 retry: RetryPolicy = RetryPolicy(), observe: Callable[[int], None] | None = None):
+        super().__init__(url, token, timeout_s, retry, observe)
 
     def design(self, merchant: Merchant, prompt: str, k: int | None = None, n: int | None = None,
                seed: int | None = None) -> DesignResult:
