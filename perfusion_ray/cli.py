@@ -37,6 +37,20 @@ def _splits(value: str) -> list[str]:
     return ["train", "holdout"] if value == "both" else [value]
 
 
+# ---------------------------------------------------------------- config
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from perfusion_ray.config_docs import generate
+    from perfusion_ray.storage import atomic_write_bytes
+
+    text = generate()
+    if args.out is None:
+        say(text)
+        return 0
+    atomic_write_bytes(args.out, text.encode())
+    say(f"configuration reference: {args.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- world
 def cmd_world_simulate(args: argparse.Namespace) -> int:
     from perfusion_ray.environment import simulate
@@ -313,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "terminal instead of the run's log file")
     parser = argparse.ArgumentParser(prog="perfusion", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    config_commands = commands.add_parser("config", help="the configuration").add_subparsers(dest="action", required=True)
+    p = config_commands.add_parser("docs", help="the configuration reference, from the fields' descriptions")
+    p.add_argument("--out", type=Path, default=None, help="write it here (docs/configuration.md) instead of printing")
+    p.set_defaults(handler=cmd_config_docs)
 
     world = commands.add_parser("world", help="FashionWorld").add_subparsers(dest="action", required=True)
     p = world.add_parser("simulate", parents=[common], help="simulate feedback partitions into the store")

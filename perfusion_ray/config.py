@@ -29,9 +29,9 @@ class Section(BaseModel):
 class OmitProbability(Section):
     """Probability that a prompt leaves each attribute out (the item's class is always named)."""
 
-    colour: float = Field(0.5, ge=0, le=1)
-    shade: float = Field(0.5, ge=0, le=1)
-    pattern: float = Field(0.5, ge=0, le=1)
+    colour: float = Field(0.5, ge=0, le=1, description="chance a prompt leaves the colour out")
+    shade: float = Field(0.5, ge=0, le=1, description="chance a prompt leaves the shade (light/dark) out")
+    pattern: float = Field(0.5, ge=0, le=1, description="chance a prompt leaves the pattern out")
 
 
 class ShopperModel(Section):
@@ -52,15 +52,15 @@ class WorldConfig(Section):
     taste_family: Path = Field(Path("tastes/boutique.yaml"), description="merchant segments and tastes (YAML)")
     image_size: int = Field(32, ge=28, le=256, description="rendered images are image_size x image_size RGB")
     items_per_combination: int = Field(6, ge=1, description="catalogue items per (class, colour, shade, pattern)")
-    num_merchants: int = Field(48, ge=2)
+    num_merchants: int = Field(48, ge=2, description="merchants in the world, seen and cold start")
     cold_start_fraction: float = Field(0.25, gt=0, lt=1, description="merchants held out of the training stream")
     hours: int = Field(12, ge=1, description="hours of training feedback, one partition per hour")
-    requests_per_hour: int = Field(60, ge=1)
+    requests_per_hour: int = Field(60, ge=1, description="requests of seen merchants per hour of training feedback")
     holdout_requests_per_merchant: int = Field(12, ge=1, description="held-out requests, seen and cold merchants")
     start_time: dt.datetime = Field(dt.datetime(2026, 1, 5, tzinfo=dt.timezone.utc), description="first event hour (UTC)")
     selection_temperature: float = Field(0.15, gt=0, description="Plackett-Luce temperature of the merchant's picks")
-    min_selected: int = Field(1, ge=1)
-    max_selected: int = Field(2, ge=1)
+    min_selected: int = Field(1, ge=1, description="candidates a merchant selects from a group, at least")
+    max_selected: int = Field(2, ge=1, description="candidates a merchant selects from a group, at most")
     omit: OmitProbability = OmitProbability()
     shoppers: ShopperModel = ShopperModel()
     faulty_event_rate: float = Field(
@@ -87,8 +87,8 @@ class LabelPolicy(Section):
     """How feedback events grade a candidate: label = max grade of its events + return_penalty per return."""
 
     grades: dict[Literal["impression", "select", "click", "order"], float] = Field(
-        default_factory=lambda: {"impression": 0.0, "select": 1.0, "click": 2.0, "order": 3.0}
-    )
+        default_factory=lambda: {"impression": 0.0, "select": 1.0, "click": 2.0, "order": 3.0},
+        description="grade of each event type; a candidate's label is the highest grade among its events")
     return_penalty: float = Field(-2.0, le=0, description="added once per return event; a return counts against")
     positive_threshold: float = Field(0.5, description="label > threshold puts a candidate in P, else in N")
 
@@ -121,7 +121,7 @@ class DistributedTraining(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL; false: CPU workers, gloo")
     bf16: bool = Field(False, description="bfloat16 mixed precision in DeepSpeed")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the run's initialisation and random draws")
 
 
 class RMConfig(DistributedTraining):
@@ -129,23 +129,23 @@ class RMConfig(DistributedTraining):
 
     clip: str | None = Field(None, description="local CLIPModel directory for the towers; None: the embedded CLIP")
     towers: Literal["frozen", "lora", "full"] = Field("frozen", description="how the CLIP towers are tuned")
-    lora_rank: int = Field(8, ge=1)
+    lora_rank: int = Field(8, ge=1, description="LoRA rank of the towers under towers=lora")
     plugin: bool = Field(True, description="merchant into the plug-ins; false: they see a zero vector (the "
                                            "non-personalized baseline, same capacity)")
     cross_layers: int = Field(2, ge=1, description="DCN-V2 cross layers per plug-in")
-    merchant_dim: int = Field(64, ge=4)
+    merchant_dim: int = Field(64, ge=4, description="merchant encoder width")
     id_dropout: float = Field(0.5, ge=0, lt=1, description="share of known ids hidden in training (cold-start path)")
     loss: Literal["pl", "pairwise"] = Field("pl", description="Plackett-Luce group ranking or all-pairs logistic")
     plugin_input: Literal["projected", "pooled"] = Field(
         "pooled", description="what the plug-ins cross with the merchant: the tower's projected feature, or its "
                               "pooled output before CLIP's linear projection (the projection drops detail)")
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="after the warm-up: constant, or cosine "
                                                                             "decay to zero over rm.epochs")
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the planned steps spent warming up")
-    weight_decay: float = Field(0.5, ge=0)
+    weight_decay: float = Field(0.5, ge=0, description="AdamW weight decay")
     batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=1, description="passes over the training groups at most (early stopping may end sooner)")
     patience: int = Field(4, ge=1, description="early stopping: epochs without a better validation GAUC "
                           "(the cosine schedule's best epochs come late; a shorter patience stops on early noise)")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of training groups held for early stopping")
@@ -183,7 +183,7 @@ class AlignEvalConfig(Section):
     open_only: bool = Field(True, description="only requests where the environment says taste can show (FashionWorld: "
                                               "the prompt leaves colour, shade or pattern open)")
     seed: int = Field(1, description="seed of the starting noise shared by base and aligned")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per sampling call")
 
 
 class AlignConfig(DistributedTraining):
@@ -197,8 +197,8 @@ class AlignConfig(DistributedTraining):
         "personalized", description="the ControlNet-style merchant branch, or (ablation) a plain LoRA on the "
                                     "UNet with no merchant input")
     beta: float = Field(2500.0, gt=0, description="diffusers' Diffusion-DPO convention (no 1/2 factor)")
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-4, gt=0, description="learning rate (AdamW) of the adaptive network")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up, then constant")
     batch_groups: int = Field(8, ge=1, description="groups per optimizer step on each worker")
     max_steps: int = Field(400, ge=1, description="optimizer steps in total (the data repeats in epochs)")
@@ -275,7 +275,7 @@ class ServeConfig(Section):
     batches and scales. One HTTP proxy per cluster, so host/port/token are shared by every app on it."""
 
     host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs a bearer token")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy (every app on the cluster)")
     bearer_token: str | None = Field(None, description="required for /v1/* when set; prefer bearer_token_env "
                                                        "over writing a secret into a config file")
     bearer_token_env: str = Field("PERFUSION_SERVE_TOKEN", description="environment variable read for the token "
@@ -299,8 +299,8 @@ class ServeConfig(Section):
     access_log: bool = Field(False, description="a log line per request from each replica (costs CPU per request)")
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica (queued for a batch "
                                                            "or scoring); Serve's default of 5 starves batching")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
+    min_replicas: int = Field(1, ge=0, description="autoscaling lower bound")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound")
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling aims at this many in flight per replica")
     upscale_delay_s: float = Field(2.0, ge=0, description="sustained load this long before adding a replica")
     downscale_delay_s: float = Field(15.0, ge=0, description="sustained low load this long before removing one")
@@ -377,7 +377,8 @@ class DesignConfig(Section):
 class ClusterConfig(Section):
     """Where Ray runs. address None: RAY_ADDRESS if set, else a local cluster on 127.0.0.1."""
 
-    address: str | None = None
+    address: str | None = Field(None, description="a running cluster to join (ray://... or host:port); None: "
+                                                  "RAY_ADDRESS, else a local cluster on 127.0.0.1")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local cluster (None: all)")
     cpus_per_worker: float = Field(0.5, gt=0, description="per Ray Train worker; 1.0 on 2 cores hangs Data+Train")
     serve_ingress: Literal["proxy", "haproxy"] = Field(
