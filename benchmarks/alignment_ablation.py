@@ -1,5 +1,5 @@
-"""Ablation of the generator on one feedback budget: the objective variants pl, multi_neg, pairwise and
-sft with the personalized branch, and the branch replaced by a plain LoRA on the UNet (no merchant
+"""Ablation of the generator on one feedback budget: the objective variants pl, multi_neg, pairwise, sft and
+the field anchor dgpo with the personalized branch, and the branch replaced by a plain LoRA on the UNet (no merchant
 input, pl objective). Each run is `perfusion align train --offline` (Ray Train + DeepSpeed, same steps
 and groups per step) followed by `perfusion align eval` on the same held-out requests and noise; one
 table: utility gain over the base, win rate, personalization index, class accuracy, wall time and
@@ -25,6 +25,7 @@ RUNS = {  # name -> (variant, adapter)
     "multi_neg": ("multi_neg", "personalized"),
     "pairwise": ("pairwise", "personalized"),
     "sft": ("sft", "personalized"),
+    "dgpo": ("dgpo", "personalized"),
     "plain_lora": ("pl", "plain_lora"),
 }
 

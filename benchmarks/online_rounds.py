@@ -18,7 +18,8 @@ from pathlib import Path
 from perfusion_ray.config import load_config
 from perfusion_ray.runtime import machine
 
-PHASES = ("plan_seconds", "rm_refresh_seconds", "generate_seconds", "score_seconds", "optimize_seconds")
+PHASES = ("plan_seconds", "rm_refresh_seconds", "generate_seconds", "score_seconds", "optimize_seconds",
+          "probe_seconds")
 RESULTS = Path(__file__).parent / "results" / "online_rounds.txt"
 
 
@@ -26,8 +27,8 @@ def split_table(history: list[dict]) -> str:
     header = ("round", *[p.removesuffix("_seconds") + " s" for p in PHASES], "round s")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for m in history:
-        lines.append(" | ".join([str(m["round"]), *[f"{m[p]:.1f}" for p in PHASES], f"{m['round_seconds']:.1f}"]))
-    totals = {p: sum(m[p] for m in history) for p in PHASES}
+        lines.append(" | ".join([str(m["round"]), *[f"{m.get(p, 0.0):.1f}" for p in PHASES], f"{m['round_seconds']:.1f}"]))
+    totals = {p: sum(m.get(p, 0.0) for m in history) for p in PHASES}
     whole = sum(totals.values())
     lines.append(" | ".join(["share", *[f"{totals[p] / whole:.0%}" for p in PHASES], "100%"]))
     return "\n".join(lines)

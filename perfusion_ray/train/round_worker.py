@@ -200,7 +200,7 @@ class RoundWorker:
         n_logged, n_policy = mix_sizes(align.batch_groups, online.logged_fraction,
                                        0 if self.logged is None else len(self.logged), len(on_policy))
         threshold = self.config.data.label_policy.positive_threshold
-        losses, margins, gaps, skipped, used = [], [], [], 0, 0
+        losses, margins, gaps, skipped, used, passes = [], [], [], 0, 0, 0
         for _ in range(online.steps_per_round):
             parts = [on_policy.take(rng.choice(len(on_policy), n_policy, replace=n_policy > len(on_policy)))]
             if n_logged:
@@ -215,14 +215,16 @@ class RoundWorker:
             gaps.append(result.reference_gap)
             skipped += result.groups_skipped
             used += result.groups_used
+            passes += result.denoiser_passes
         seconds = time.perf_counter() - started
         fault_point(f"online:round{round_index}:optimized")
         trained = self.strategy.trainable_state_dict(self.engine)  # collective under ZeRO-3: every rank gathers
         self.average = average_weights(self.average, trained, online.policy_average_decay)
         means = _mean_over_ranks({"loss": float(np.mean(losses)), "reward_margin": float(np.mean(margins)),
                                   "reference_gap": float(np.mean(gaps)), "optimize_seconds": seconds})
-        counts = all_reduce_sum([float(skipped), float(used)])
+        counts = all_reduce_sum([float(skipped), float(used), float(passes)])
         return {**means, "groups_skipped": int(counts[0]), "groups_used": int(counts[1]),
+                "denoiser_passes": int(counts[2]),
                 "logged_groups": 0 if self.logged is None else len(self.logged)}
 
     @dispatch(Dispatch.BROADCAST)
