@@ -181,3 +181,55 @@ def test_empty_file_writes_empty_outputs(tmp_path):
 
     assert report == AdapterReport()
     assert groups.schema == GROUP_EXAMPLE_SCHEMA and groups.num_rows == quarantine.num_rows == 0
+
+
+def test_pickapic_rows_without_a_judgement_are_refused(tmp_path):
+    schema = V2_SCHEMA.append(pa.field("has_label", pa.bool_()))
+    rows = [v2_row(1, has_label=True), v2_row(2, has_label=False), v2_row(3, 0.5, 0.5, has_label=False),
+            v2_row(4, has_label=None)]
+    report, groups, quarantine = run(tmp_path, "pickapic_v2", rows, schema)
+
+    assert groups.column("request_id").to_pylist() == ["pickapic_v2:1"]
+    assert quarantine.column("request_id").to_pylist() == ["pickapic_v2:2", "pickapic_v2:3", "pickapic_v2:4"]
+    assert set(quarantine.column("reason").to_pylist()) == {"has_label is not true: the pair carries no judgement"}
+    assert_accounted(report)
+
+
+def test_pickapic_identical_images_cannot_carry_a_preference(tmp_path):
+    rows = [v2_row(1, jpg_1=JPEG_RED), v2_row(2, 0.5, 0.5, jpg_1=JPEG_RED), v2_row(3)]
+    report, groups, quarantine = run(tmp_path, "pickapic_v2", rows, V2_SCHEMA)
+
+    assert groups.column("request_id").to_pylist() == ["pickapic_v2:2", "pickapic_v2:3"]  # a tie says nothing false
+    assert quarantine.to_pylist()[0]["reason"] == "jpg_0 and jpg_1 are the same image but labelled a preference"
+    assert_accounted(report)
+
+
+@pytest.mark.parametrize("kind, rows, schema, first_labels", [
+    ("pickapic_v2", [v2_row(5), v2_row(5, 0.0, 1.0), v2_row(6)], V2_SCHEMA, [1.0, 0.0]),
+    ("pickapic_rankings", [rankings_row("u1", ranking_id=5), rankings_row("u2", ranking_id=5)], None,
+     [0.0, 1.0, 0.0, 0.0]),
+])
+def test_a_repeated_ranking_id_gives_one_group(tmp_path, kind, rows, schema, first_labels):
+    report, groups, quarantine = run(tmp_path, kind, rows, schema, batch_rows=1)
+
+    ids = groups.column("request_id").to_pylist()
+    assert len(ids) == len(set(ids)) and groups.to_pylist()[0]["labels"] == first_labels  # the first row is kept
+    assert quarantine.column("reason").to_pylist() == ["duplicate ranking_id: an earlier row with it is kept"]
+    assert_accounted(report)
+
+
+@pytest.mark.parametrize("content", [b"user_id,caption\n1,a dress\n", b"", b"PAR1" + b"\0" * 64])
+def test_an_input_that_is_not_parquet_is_a_one_line_error(tmp_path, content):
+    source = tmp_path / "input.parquet"
+    source.write_bytes(content)
+
+    with pytest.raises(PerfusionError) as raised:
+        adapt_file("pickapic_v2", str(source), str(tmp_path / "out"), str(tmp_path / "images"))
+
+    assert raised.value.message.startswith(f"{source}: not a readable parquet file")
+    assert "\n" not in raised.value.message and not (tmp_path / "out").exists()
+
+
+def test_a_missing_input_is_a_one_line_error(tmp_path):
+    with pytest.raises(PerfusionError, match="no such file"):
+        adapt_file("pickapic_v2", str(tmp_path / "absent.parquet"), str(tmp_path / "out"), str(tmp_path / "images"))

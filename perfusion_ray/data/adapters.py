@@ -4,6 +4,10 @@ Pick-a-Pic v2 rows are pairwise choices with both images inline; PickaPic-rankin
 of four images named by uid. Each row becomes one group, a dropped tie, or one quarantine record with
 its reason, never nothing: rows_read == groups_written + ties_dropped + rows_rejected.
 
+Refused rows: a v2 row whose has_label is false (the data set's own flag for a pair nobody judged; its
+labels are not a choice), a strict preference between two identical images (byte-equal), and a second
+row with a ranking_id already seen in the file (the first one is kept).
+
 The input is streamed batch by batch, so image bytes are only held for one batch; the group rows
 (strings, no bytes) are kept until the end and written atomically with the quarantine.
 
@@ -30,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from perfusion_ray.data.image_store import ImageStore
 from perfusion_ray.data.schemas import GROUP_EXAMPLE_SCHEMA, QUARANTINE_SCHEMA
@@ -42,7 +46,7 @@ AdapterKind = Literal["pickapic_v2", "pickapic_rankings"]
 TiePolicy = Literal["keep", "drop"]
 Row = dict[str, Any]
 
-PICKAPIC_V2_COLUMNS = ("user_id", "ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "label_1")
+PICKAPIC_V2_COLUMNS = ("user_id", "ranking_id", "caption", "jpg_0", "jpg_1", "label_0", "label_1")  # plus has_label
 RANKING_IMAGE_COLUMNS = ("image_0_uid", "image_1_uid", "image_2_uid", "image_3_uid")
 PICKAPIC_RANKINGS_COLUMNS = ("user_id", *RANKING_IMAGE_COLUMNS, "best_image_uid")  # plus optional caption, ranking_id
 
@@ -73,10 +77,12 @@ def _missing(row: Row, names: tuple[str, ...]) -> str | None:
 
 def _image_format_problem(data: bytes) -> str | None:
     """Why the bytes are not a JPEG or PNG image, from the header only."""
+    if not isinstance(data, bytes):
+        return "not image bytes"
     try:
         with Image.open(io.BytesIO(data)) as image:
             found = image.format
-    except (UnidentifiedImageError, OSError):
+    except Exception:  # noqa: BLE001 - PIL's header parsers raise OSError, ValueError, SyntaxError...
         return "not an image"
     return None if found in _IMAGE_FORMATS else f"a {found} image, expected JPEG or PNG"
 
@@ -106,9 +112,16 @@ def pickapic_v2_problem(row: Row) -> str | None:
     missing = _missing(row, PICKAPIC_V2_COLUMNS)
     if missing:
         return missing
-    pair = (float(row["label_0"]), float(row["label_1"]))
+    if row.get("has_label", True) not in (True,):  # absent column: every row is labelled
+        return "has_label is not true: the pair carries no judgement"
+    try:
+        pair = (float(row["label_0"]), float(row["label_1"]))
+    except (TypeError, ValueError):
+        return "label_0 and label_1 must be numbers"
     if pair not in _V2_LABEL_PAIRS:
         return f"label pair {pair} is not (1, 0), (0, 1) or (0.5, 0.5)"
+    if row["jpg_0"] == row["jpg_1"] and pair[0] != pair[1]:
+        return "jpg_0 and jpg_1 are the same image but labelled a preference"
     for name in _IMAGE_BYTES_COLUMNS:
         problem = _image_format_problem(row[name])
         if problem:
@@ -189,8 +202,9 @@ def _quarantine(batch: pa.Table, rows: list[int], reasons: list[str], request_id
 
 
 def _adapt_batch(table: pa.Table, spec: _Kind, store: ImageStore, ties: TiePolicy, report: AdapterReport,
-                 source_file: str) -> tuple[pa.Table, pa.Table]:
-    """(groups, quarantine) of one batch; counts go into the report, whose rows_read numbers the rows."""
+                 source_file: str, adopted: set[str]) -> tuple[pa.Table, pa.Table]:
+    """(groups, quarantine) of one batch; counts go into the report, whose rows_read numbers the rows.
+    `adopted` holds the request ids of the rows already kept (or dropped as ties) from this file."""
     kept: list[Row] = []
     rejected: list[int] = []
     reasons: list[str] = []
@@ -199,12 +213,15 @@ def _adapt_batch(table: pa.Table, spec: _Kind, store: ImageStore, ties: TiePolic
         number = report.rows_read
         report.rows_read += 1
         problem = spec.problem(row)
+        if problem is None and spec.request_id(row, number) in adopted:
+            problem = "duplicate ranking_id: an earlier row with it is kept"
         if problem:
             report.reject(problem)
             rejected.append(offset)
             reasons.append(problem)
             request_ids.append(spec.request_id(row, number))
             continue
+        adopted.add(spec.request_id(row, number))
         if len(set(spec.labels(row))) == 1:
             report.ties += 1
             if ties == "drop":
@@ -232,17 +249,25 @@ def adapt_file(kind: AdapterKind, input_path: str, output_dir: str, image_store_
     out_fs, out_dir = resolve_filesystem(output_dir)
     report = AdapterReport()
     groups, quarantine = [GROUP_EXAMPLE_SCHEMA.empty_table()], [QUARANTINE_SCHEMA.empty_table()]
-    with in_fs.open_input_file(in_path) as handle:
-        parquet = pq.ParquetFile(handle)
-        missing = [name for name in spec.columns if name not in parquet.schema_arrow.names]
-        if missing:
-            raise PerfusionError(f"{input_path}: missing column(s) {', '.join(missing)} for {kind}",
-                                 hint=f"a {kind} file has columns {', '.join(spec.columns)}")
-        for batch in parquet.iter_batches(batch_size=batch_rows):
-            batch_groups, batch_quarantine = _adapt_batch(pa.Table.from_batches([batch]), spec, store, ties, report,
-                                                          input_path)
-            groups.append(batch_groups)
-            quarantine.append(batch_quarantine)
+    adopted: set[str] = set()
+    try:
+        with in_fs.open_input_file(in_path) as handle:
+            parquet = pq.ParquetFile(handle)
+            missing = [name for name in spec.columns if name not in parquet.schema_arrow.names]
+            if missing:
+                raise PerfusionError(f"{input_path}: missing column(s) {', '.join(missing)} for {kind}",
+                                     hint=f"a {kind} file has columns {', '.join(spec.columns)}")
+            for batch in parquet.iter_batches(batch_size=batch_rows):
+                batch_groups, batch_quarantine = _adapt_batch(pa.Table.from_batches([batch]), spec, store, ties,
+                                                              report, input_path, adopted)
+                groups.append(batch_groups)
+                quarantine.append(batch_quarantine)
+    except FileNotFoundError as exc:
+        raise PerfusionError(f"{input_path}: no such file", hint="--input names a parquet file") from exc
+    except (pa.ArrowException, OSError) as exc:  # not parquet, or damaged: nothing is written
+        detail = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        raise PerfusionError(f"{input_path}: not a readable parquet file ({detail})",
+                             hint=f"--input names a {kind} parquet file") from exc
     atomic_write_table(pa.concat_tables(groups), os.path.join(out_dir, "groups.parquet"), out_fs)
     atomic_write_table(pa.concat_tables(quarantine), os.path.join(out_dir, "quarantine.parquet"), out_fs)
     return report
