@@ -62,7 +62,7 @@ def configure_environment(address: str | None = None) -> None:
     if not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not (address or os.environ.get("RAY_ADDRESS")):
-        # Without this Ray 2.60 binds the external interface (STACK.md trap 4).
+        # Without this Ray 2.60 binds the external interface (docs/stack-notes.md).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -108,7 +108,7 @@ def init_ray(cluster: "ClusterConfig | None" = None):
             num_cpus=cluster.num_cpus if cluster else None,
             _node_ip_address=LOOPBACK,
             runtime_env=runtime_env,
-            include_dashboard=True,  # without it a cleaner actor logs a warning every second (STACK.md)
+            include_dashboard=True,  # without it a cleaner actor logs a warning every second
             log_to_driver=True,
         )
     return ray

@@ -79,8 +79,8 @@ class LocalHead:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(worker_env_vars())
         env.update(
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # loopback (STACK.md trap 4)
-            RAY_AUTH_MODE="disabled",  # no token in the user's ~/.ray (STACK.md trap 6); loopback only
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # loopback (docs/stack-notes.md)
+            RAY_AUTH_MODE="disabled",  # no token in the user's ~/.ray; loopback only
             RAY_USAGE_STATS_ENABLED="0",
             PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",  # `python` in the entrypoint = this venv
         )

@@ -2,9 +2,9 @@
 joined to the frozen base through zero-initialised convolutions, conditioned on the merchant.
 
 How the merchant enters the branch: the merchant encoder's vector is projected to a few channels and
-tiled to the latent's spatial size as the ControlNet conditioning image. (A probe in STACK.md moved
-outputs far more this way than by appending the vector as extra cross-attention tokens; PAPER.md leaves
-the choice open.) The copy carries LoRA adapters (peft) on its attention projections; its zero
+tiled to the latent's spatial size as the ControlNet conditioning image. (In a probe this moved
+outputs far more than appending the vector as extra cross-attention tokens; the method leaves the
+choice open.) The copy carries LoRA adapters (peft) on its attention projections; its zero
 convolutions, conditioning embedding and the merchant modules train in full; the base UNet is frozen.
 
 Two objects: `PersonalizedAdapter` is everything trainable (a diffusers ModelMixin, saved and loaded on

@@ -6,7 +6,7 @@ work like any diffusers component, and it answers the calls StableDiffusionPipel
 AutoencoderKL: `encode(x).latent_dist.sample()/.mode()`, `decode(z, return_dict=False)[0]`,
 `config.scaling_factor` and `config.block_out_channels` (whose length gives the pipeline's
 vae_scale_factor). It is deterministic (no KL term): diffusers' AutoencoderKL was 4-5x slower per
-step on 2 CPU cores for no gain at this size (STACK.md).
+step on 2 CPU cores for no gain at this size.
 """
 
 from __future__ import annotations

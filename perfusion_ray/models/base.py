@@ -15,7 +15,7 @@ max_position_embeddings when that is below the tokenizer's 77: the embedded mode
 prompts are at most 10 tokens; padding to 77 doubled the cost of a training step).
 
 Sampling is DDIM with classifier-free guidance. The scheduler always gets clip_sample=False: clamping
-predicted latents to [-1, 1] ruins latent models (a quarter of latent values lie outside; STACK.md).
+predicted latents to [-1, 1] ruins latent models (a quarter of latent values lie outside).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ apps, waiting for an app to run, and roll-outs that change only a deployment's u
 Every deploy here is declarative (deploy_apps with a ServeDeploySchema): a declarative apply replaces the
 whole set of declarative applications, so deploy/rollout read the live set first and change only their
 own application. A roll-out changes only user_config, so Serve calls reconfigure() on the running
-replicas in place instead of replacing them (STACK.md: 0 failed calls of 310), and returns once every
+replicas in place instead of replacing them (no failed call during the cut-over), and returns once every
 replica answers version() with the expected version.
 
 The reward app (reward_app.py) and the design app (design_app.py) are thin uses of these functions.

@@ -77,7 +77,7 @@ def load_served_model(folder: str | Path) -> ServedModel:
     model = load_reward_model(folder)
     version = model_version(folder)
     size = model.image_size
-    # The first CPU forward pays a one-off warm-up (STACK.md): pay it before traffic arrives.
+    # The first CPU forward pays a one-off warm-up of a few seconds: pay it before traffic arrives.
     model.score([Merchant()], [""], np.zeros((1, size, size, 3), np.uint8))
     return ServedModel(model, version, str(folder), size)
 

@@ -6,8 +6,8 @@ cluster/serve_reward.yaml:
 Everything else (batching, autoscaling, limits, CPUs per replica) comes from the config's serve
 section. The model is not an init argument but the deployment's user_config, {model_dir: ...}, so a
 new RM version is a declarative redeploy that changes only user_config: Serve then calls
-reconfigure() on the running replicas in place instead of replacing them (STACK.md measured 0 failed
-calls of 310), and `rollout()` does exactly that.
+reconfigure() on the running replicas in place instead of replacing them (no failed call during the
+cut-over), and `rollout()` does exactly that.
 
 Deploying, waiting and rolling out are apps.py's, shared with the design app (the names stay importable
 from here).

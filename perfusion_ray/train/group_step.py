@@ -5,8 +5,8 @@ that every variant is measured on exactly the same code. The denoiser is any cal
 PersonalizedUNet signature (a DeepSpeed engine around one works): `denoise(sample, t, context,
 merchant=..., branch=...)`; the reference is the same call with branch=False, under no_grad.
 
-Noise: by default one timestep and one noise draw per group, shared by its K candidates (DESIGN.md,
-"The math"), so the candidates of a group differ only in their image. The pairwise baseline is
+Noise: by default one timestep and one noise draw per group, shared by its K candidates (docs/models.md,
+the objective), so the candidates of a group differ only in their image. The pairwise baseline is
 Diffusion-DPO on every ordered pair of the group (labels differ), each pair its own example with its
 own timestep and noise, as the Diffusion-DPO recipe trains: 4 denoiser passes per pair, against 2K per
 group for the group objectives.
