@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import requests
-import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 
 from perfusion_ray.config import load_config
-from perfusion_ray.serve.images import to_base64_png
 from tests.conftest import free_port
+from tests.hostile_requests import (DEEP, DESIGN_PATHS, LONG_INT, NUL_FEEDBACK, SCORE_PATHS, SURROGATE_DESIGN,
+                                    SURROGATE_SCORE, design_body, hostile_bodies, schemathesis_cases, score_body)
 from tests.serve_apps import DESIGN_YAML, REWARD_YAML, app_entry, deploy_all, tiny_reward_model
 
 pytestmark = pytest.mark.ray
@@ -67,20 +65,6 @@ def served(ray_cluster, tmp_path_factory, tiny_pipelines):
     serve.shutdown()
 
 
-def _image() -> str:
-    return to_base64_png(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-
-
-def _score_body(**fields) -> dict:
-    return {"merchant_id": "m0", "merchant_features": {"region": "south"}, "merchant_stats": {"price_level": 1.5},
-            "prompt": "a dark red dress", "images": [_image()], **fields}
-
-
-def _design_body(**fields) -> dict:
-    return {"merchant": {"id": "m0", "features": {"region": "south"}, "stats": {"price_level": 1.5}},
-            "prompt": "a dark red dress", "seed": 1, **fields}
-
-
 def _assert_4xx(response: requests.Response, status: int | None = None) -> dict:
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
     if status is not None:
@@ -93,12 +77,7 @@ def _assert_4xx(response: requests.Response, status: int | None = None) -> dict:
 # ---------------------------------------------------------------- schemathesis, from the apps' own OpenAPI
 def _fuzz_operations(base: str, headers: dict) -> None:
     """Every operation of the served document, with bodies, paths and headers valid by it and not."""
-    from schemathesis.generation import GenerationMode
-
-    schema = schemathesis.openapi.from_url(f"{base}/openapi.json", headers=headers)
-    cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
-
-    @given(cases)
+    @given(schemathesis_cases(base, headers))
     @FUZZ_OPERATIONS
     def fuzz(case):
         response = case.call(base_url=base, headers=headers, timeout=120)
@@ -116,51 +95,21 @@ def test_design_app_never_answers_5xx_to_schemathesis(served):
 
 
 # ---------------------------------------------------------------- hostile values in valid bodies
-hostile_text = st.text(st.characters(categories=["Cs", "Cc", "Zl", "Co", "Lo"]), min_size=1, max_size=6)
-hostile = st.recursive(
-    hostile_text | st.integers(-(10**60), 10**60) | st.booleans() | st.none() | st.floats(allow_nan=True),
-    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(hostile_text, inner, max_size=2), max_leaves=6)
-hostile_map = st.dictionaries(hostile_text | st.just("region"), hostile, min_size=1, max_size=2)
-
-
-def _with(body: dict, path: tuple, value) -> dict:
-    out = json.loads(json.dumps(body))
-    target = out
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
-    return out
-
-
-SCORE_PATHS = [("merchant_id",), ("merchant_features",), ("merchant_stats",), ("prompt",), ("images",), ("images", 0),
-               ("colour",)]
-DESIGN_PATHS = [("merchant", "id"), ("merchant", "features"), ("merchant", "stats"), ("prompt",), ("k",), ("n",),
-                ("seed",), ("merchant",)]
-
-
-@given(path=st.sampled_from(SCORE_PATHS), value=hostile, as_map=hostile_map)
+@given(body=hostile_bodies(score_body(), SCORE_PATHS))
 @FUZZ
-def test_hostile_values_in_a_score_request_answer_4xx(served, path, value, as_map):
-    body = _with(_score_body(), path, as_map if path[0] in ("merchant_features", "merchant_stats") else value)
+def test_hostile_values_in_a_score_request_answer_4xx(served, body):
     response = served.post(f"{served.reward}/v1/score", body, AUTH)
     assert response.status_code < 500, (response.status_code, response.text[:500], body)
 
 
-@given(path=st.sampled_from(DESIGN_PATHS), value=hostile, as_map=hostile_map)
+@given(body=hostile_bodies(design_body(), DESIGN_PATHS))
 @FUZZ
-def test_hostile_values_in_a_design_request_answer_4xx(served, path, value, as_map):
-    body = _with(_design_body(), path, as_map if path[-1] in ("features", "stats") else value)
+def test_hostile_values_in_a_design_request_answer_4xx(served, body):
     response = served.post(f"{served.design}/v1/designs", body)
     assert response.status_code < 500, (response.status_code, response.text[:500], body)
 
 
 # ---------------------------------------------------------------- the hand cases
-DEEP = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-LONG_INT = b'{"prompt": "a", "seed": ' + b"7" * 5000 + b"}"
-SURROGATE_SCORE = json.dumps(_score_body(merchant_features={"region": "\ud800"})).encode()
-SURROGATE_DESIGN = json.dumps(_design_body(merchant={"id": "m0", "features": {"region": "\udfff"}})).encode()
-
-
 @pytest.mark.parametrize("app, route", [("reward", "/v1/score"), ("design", "/v1/designs"), ("design", "/v1/feedback")])
 @pytest.mark.parametrize("body", [DEEP, LONG_INT], ids=["100000 levels deep", "5000-digit integer"])
 def test_deep_json_and_long_integers_answer_400(served, app, route, body):
@@ -175,13 +124,11 @@ def test_a_lone_surrogate_in_a_map_value_answers_422(served, app, route, body, f
 
 
 def test_a_nul_byte_in_request_id_answers_422(served):
-    body = {"request_id": "d" + "0" * 31 + "\x00", "token": "t", "events": [{"event_id": "e", "type": "select",
-                                                                            "position": 0}]}
-    assert "request_id" in _assert_4xx(served.post(f"{served.design}/v1/feedback", body), 422)["reason"]
+    assert "request_id" in _assert_4xx(served.post(f"{served.design}/v1/feedback", NUL_FEEDBACK), 422)["reason"]
 
 
-@pytest.mark.parametrize("app, route, body", [("reward", "/v1/score", _score_body()),
-                                              ("design", "/v1/designs", _design_body())])
+@pytest.mark.parametrize("app, route, body", [("reward", "/v1/score", score_body()),
+                                              ("design", "/v1/designs", design_body())])
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
 def test_a_body_not_declared_as_json_answers_415(served, app, route, body, content_type):
     headers = {**AUTH, "Content-Type": content_type} if content_type else AUTH
@@ -193,13 +140,13 @@ def test_a_body_not_declared_as_json_answers_415(served, app, route, body, conte
 
 
 def test_seed_false_is_refused_not_taken_as_zero(served):
-    assert "seed" in _assert_4xx(served.post(f"{served.design}/v1/designs", _design_body(seed=False)), 422)["reason"]
-    assert served.post(f"{served.design}/v1/designs", _design_body(seed=0)).json()["seed"] == 0
+    assert "seed" in _assert_4xx(served.post(f"{served.design}/v1/designs", design_body(seed=False)), 422)["reason"]
+    assert served.post(f"{served.design}/v1/designs", design_body(seed=0)).json()["seed"] == 0
 
 
 # ---------------------------------------------------------------- a bad request fails alone
 def test_valid_score_requests_sent_with_a_bad_one_all_succeed(served):
-    good, bad = _score_body(), SURROGATE_SCORE
+    good, bad = score_body(), SURROGATE_SCORE
 
     def send(index: int) -> int:
         with requests.Session() as session:
@@ -215,7 +162,7 @@ def test_valid_score_requests_sent_with_a_bad_one_all_succeed(served):
 def test_valid_design_requests_sent_with_a_bad_one_all_succeed(served):
     def send(index: int) -> int:
         with requests.Session() as session:
-            data = SURROGATE_DESIGN if index == 9 else json.dumps(_design_body(seed=index)).encode()
+            data = SURROGATE_DESIGN if index == 9 else json.dumps(design_body(seed=index)).encode()
             return session.post(f"{served.design}/v1/designs", data=data, headers=JSON, timeout=300).status_code
 
     with ThreadPoolExecutor(19) as pool:
