@@ -8,7 +8,9 @@ One function per figure group, each printing its lines (and adding them to bench
                         within --timeout), and how many valid requests failed when sent together with a bad one;
   replica_kill_figures  one of two reward replicas SIGKILLed under bounded load (the project's HTTP client,
                         --concurrency workers for --kill-seconds): requests sent, failed, answers by status,
-                        seconds until serve.status() showed the loss and until the deployment recovered.
+                        seconds until serve.status() showed the loss and until the deployment recovered;
+  listening_sockets     every TCP socket the local cluster's processes listen on, by process and address
+                        (the table of docs/serving.md).
 Needs the test extra (hypothesis, schemathesis): the hostile requests are the test suite's (tests/hostile_requests.py).
 """
 
@@ -155,6 +157,36 @@ def replica_kill_figures(log: Tee, url: str, concurrency: int, seconds: float) -
         log(f"replica kill: failed: {failure}")
 
 
+# Ray's processes, by what their command line holds (first match).
+PROCESS_NAMES = ("gcs_server", "raylet", "dashboard/dashboard.py", "dashboard/agent.py", "runtime_env/agent",
+                 "ray::ProxyActor", "ray::HAProxyManager", "ray::ServeController", "ray::ServeReplica", "haproxy",
+                 "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::IDLE", "ray::")
+
+
+def listening_sockets(log: Tee) -> None:
+    import os
+    from collections import defaultdict
+
+    import psutil
+
+    me = psutil.Process()
+    processes = {p.pid: p for p in [me, *me.children(recursive=True)]}  # a local cluster: our descendants
+    found: dict[str, set[str]] = defaultdict(set)
+    for connection in psutil.net_connections(kind="inet"):
+        process = processes.get(connection.pid)
+        if connection.status != psutil.CONN_LISTEN or process is None:
+            continue
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        name = "driver (this process)" if process.pid == os.getpid() else next(
+            (n for n in PROCESS_NAMES if n in command), command[:40])
+        found[name].add(f"{connection.laddr.ip}:{connection.laddr.port}")
+    for name, addresses in sorted(found.items()):
+        log(f"listening: {name:28s} {' '.join(sorted(addresses))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=200, help="examples per fuzzing strategy and app")
@@ -200,6 +232,7 @@ def main() -> None:
         log(f"apps up in {time.monotonic() - started:.0f} s: {REWARD} (2 replicas, bearer token), {DESIGN} (1 replica, "
             f"{config.policy.num_inference_steps} sampling steps); bodies up to 1 MiB")
         http_figures(log, {"reward": f"{base}/{REWARD}", "design": f"{base}/{DESIGN}"}, args.examples, args.timeout)
+        listening_sockets(log)
         replica_kill_figures(log, f"{base}/{REWARD}", args.concurrency, args.kill_seconds)
     finally:
         serve.shutdown()
