@@ -280,6 +280,16 @@ class ServeConfig(Section):
                                                        "over writing a secret into a config file")
     bearer_token_env: str = Field("PERFUSION_SERVE_TOKEN", description="environment variable read for the token "
                                                                        "when bearer_token is unset")
+def _gpu_share(value: float) -> float:
+    """Ray's rule for an actor's GPUs: a share of one GPU below 1, whole GPUs above."""
+    if value > 1 and value != int(value):
+        raise ValueError(f"{value:g} GPUs: a replica takes a share of one GPU (<= 1) or whole GPUs")
+    return value
+
+
+ReplicaDtype = Literal["float32", "bfloat16", "float16"]
+
+
     app_name: str = Field("reward", min_length=1, description="Serve application name (handles look it up)")
     route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the application")
     model_dir: str | None = Field(None, description="RM directory served first; None: <rm.out>/model")
@@ -306,6 +316,13 @@ class ServeConfig(Section):
     downscale_delay_s: float = Field(15.0, ge=0, description="sustained low load this long before removing one")
     look_back_period_s: float = Field(12.0, gt=0, description="window the autoscaler averages ongoing requests over; "
                                                              "Serve wants it above its 10 s metrics push interval")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0.25: four replicas share a GPU); the "
+                                                       "replica runs on CUDA when Ray assigns it a GPU that torch "
+                                                       "sees, else on the CPU, and logs which")
+    replica_dtype: ReplicaDtype = Field("float32", description="the served RM's weights and compute; bfloat16 or "
+                                                               "float16 halve its memory (bfloat16 becomes float16 "
+                                                               "on GPUs without it)")
+    _whole_gpus = field_validator("replica_gpus")(_gpu_share)
     # Health checks (both apps): how soon a dead or hung replica leaves the status and gets replaced.
     health_check_period_s: float = Field(1.0, gt=0, description="Serve checks each replica this often; a dead one "
                                                                 "shows as unhealthy within about this long")
@@ -373,6 +390,12 @@ class DesignConfig(Section):
             raise ValueError("; ".join(problems))
         return self
 
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per design replica (each holds a whole pipeline); "
+                                                       "CUDA when Ray assigns a GPU that torch sees, else the CPU")
+    replica_dtype: ReplicaDtype = Field("float32", description="the served pipeline's weights and compute (a VAE "
+                                                               "that asks for float32 under float16, as SDXL's does, "
+                                                               "keeps it)")
+    _whole_gpus = field_validator("replica_gpus")(_gpu_share)
 
 class ClusterConfig(Section):
     """Where Ray runs. address None: RAY_ADDRESS if set, else a local cluster on 127.0.0.1."""

@@ -43,24 +43,31 @@ def serve_ingress_env(ingress: str) -> dict[str, str]:
 
 
 def _has_cuda() -> bool:
-    # Cheap on purpose (runs at package import): the driver's device node, not a torch import.
+    # Cheap on purpose (runs at package import, in the driver and in every Ray worker): this node's NVIDIA
+    # device node, not a torch import.
     return os.path.exists("/dev/nvidiactl")
 
 
+def deepspeed_accelerator_env(node_has_gpu: bool) -> dict[str, str]:
+    """DS_ACCELERATOR for a process on a node with or without an NVIDIA GPU: cpu where there is none (DeepSpeed
+    would otherwise probe every accelerator package first), nothing where there is one (DeepSpeed then picks CUDA
+    when the process sees a device, the CPU when Ray gave it none)."""
+    return {} if node_has_gpu else {"DS_ACCELERATOR": "cpu"}
+
+
 def worker_env_vars() -> dict[str, str]:
-    """Environment for Ray workers (runtime_env env_vars): the same hygiene as the driver."""
-    env = dict(_PROCESS_ENV)
-    if not _has_cuda():
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for CUDA and fails on CPU machines
-    return env
+    """Environment for Ray workers (runtime_env env_vars): the driver's hygiene, nothing about its hardware.
+
+    DS_ACCELERATOR is not among them: the driver (a GPU-less head under `ray job submit` or a RayJob) would
+    tell GPU workers to use the CPU. Each worker decides for itself when it imports perfusion_ray
+    (configure_environment), on its own node and before any DeepSpeed import."""
+    return dict(_PROCESS_ENV)
 
 
 def configure_environment(address: str | None = None) -> None:
     """Set process-wide variables. Keeps Ray on loopback unless an address to join was given."""
-    for key, value in _PROCESS_ENV.items():
+    for key, value in {**_PROCESS_ENV, **deepspeed_accelerator_env(_has_cuda())}.items():
         os.environ.setdefault(key, value)
-    if not _has_cuda():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not (address or os.environ.get("RAY_ADDRESS")):
         # Without this Ray 2.60 binds the external interface (docs/stack-notes.md).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -1,11 +1,17 @@
-"""cluster/: every manifest loads, and everything it names exists: entrypoint scripts, python import paths
-(imported, attribute looked up), config files (loaded and validated, `--set` overrides included), the
-paths configs/sd15.yaml uses (mounted on every node), resource names; and the GPU workers it offers cover
-the configs' num_workers with use_gpu. No cluster, no network: seconds."""
+"""cluster/: every manifest validates against the schema of the software that reads it (KubeRay v1.7.0's CRDs,
+vendored under tests/schemas/; the launcher schema inside the pinned Ray; Ray Serve's ServeDeploySchema), and
+everything it names exists: entrypoint scripts, python import paths (imported, attribute looked up), config
+files (loaded and validated, `--set` overrides included), the paths configs/sd15.yaml uses (mounted on every
+node), resource names; token auth is on; and the GPUs it offers cover the configs' Train workers and Serve
+replicas. No cluster, no network: seconds."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import gzip
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -18,9 +24,14 @@ from perfusion_ray.serve import reward_app
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER = CLUSTER / "aws_gpu.yaml"
-KUBERAY = {name: CLUSTER / f"{name}.yaml" for name in ("raycluster", "rayjob_align", "rayservice_reward")}
-MANIFESTS = [LAUNCHER, *KUBERAY.values(), CLUSTER / "serve_reward.yaml", CLUSTER / "serve_design.yaml"]
+KUBERAY = {name: CLUSTER / f"{name}.yaml" for name in ("raycluster", "rayjob_align", "rayservice")}
+SERVE_FILES = {name: CLUSTER / f"{name}.yaml" for name in ("serve_reward", "serve_design")}
+MANIFESTS = [LAUNCHER, *KUBERAY.values(), *SERVE_FILES.values()]
+KUBERAY_SCHEMAS = REPO / "tests" / "schemas" / "kuberay-v1.7.0"
+KUBERAY_CRDS = {"RayCluster": "ray.io_rayclusters.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz",
+                "RayService": "ray.io_rayservices.yaml.gz"}
 GPU_CONFIG = REPO / "configs" / "sd15.yaml"
+GPU_CONFIGS = [GPU_CONFIG, REPO / "configs" / "sdxl.yaml"]
 RAY_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}  # the package asks for no custom resource
 K8S_RESOURCES = {"cpu", "memory", "nvidia.com/gpu", "ephemeral-storage"}
 
@@ -78,58 +89,59 @@ def test_jobs_use_the_gpu_config():
     assert "configs/sd15.yaml" in LAUNCHER.read_text()
 
 
-def _serve_apps() -> dict[str, dict]:
-    service = _load(KUBERAY["rayservice_reward"])
+def _serve_configs() -> dict[str, dict]:
+    """Every Serve config file in cluster/, the RayService's serveConfigV2 among them."""
+    service = _load(KUBERAY["rayservice"])
     return {"rayservice": yaml.safe_load(service["spec"]["serveConfigV2"]),
-            "serve_reward": _load(CLUSTER / "serve_reward.yaml")}
+            **{name: _load(path) for name, path in SERVE_FILES.items()}}
 
 
-@pytest.mark.parametrize("which", ["rayservice", "serve_reward"])
-def test_serve_configs_are_valid_and_match_the_package(which):
-    from ray.serve.schema import ServeDeploySchema
-
-    config = _serve_apps()[which]
-    ServeDeploySchema.model_validate(config)
-    (app,) = config["applications"]
-    assert app["import_path"] == reward_app.IMPORT_PATH
-    assert [d["name"] for d in app["deployments"]] == [reward_app.DEPLOYMENT_NAME]
-    assert set(app["args"]) <= {"config", "set", "model_dir"}  # what build_app accepts
-    loaded = load_config(REPO / app["args"]["config"], app["args"].get("set") or [])  # overrides validate
-    assert app["name"] == loaded.serve.app_name and app["route_prefix"] == loaded.serve.route_prefix
-    assert config["http_options"]["host"] == loaded.serve.host and config["http_options"]["port"] == loaded.serve.port
-    if which == "rayservice":  # the GPU config's exported RM, on the shared volume
-        assert app["deployments"][0]["user_config"]["model_dir"] == str(Path(loaded.rm.out) / "model")
-        assert loaded.rm.out.startswith("/mnt/shared/")
-
-
-def test_serve_design_is_valid_and_matches_the_package():
-    from ray.serve.schema import ServeDeploySchema
-
+def _serve_kinds():
     from perfusion_ray.serve import design_app
 
-    config = _load(CLUSTER / "serve_design.yaml")
-    ServeDeploySchema.model_validate(config)
-    (app,) = config["applications"]
-    assert app["import_path"] == design_app.IMPORT_PATH
-    assert [d["name"] for d in app["deployments"]] == [design_app.DEPLOYMENT_NAME]
-    assert set(app["args"]) <= {"config", "set", "pipeline_dir"}  # what build_app accepts
-    assert set(app["deployments"][0]["user_config"]) == {"pipeline_dir"}
-    loaded = load_config(REPO / app["args"]["config"], app["args"].get("set") or [])
-    assert app["name"] == loaded.design.app_name and app["route_prefix"] == loaded.design.route_prefix
-    assert config["http_options"] == _load(CLUSTER / "serve_reward.yaml")["http_options"]  # one proxy for both
-    assert app["deployments"][0]["user_config"]["pipeline_dir"] == design_app.default_pipeline_dir(loaded)
+    # import path -> (the module, the builder's args, the user_config key, the config section of the app)
+    return {reward_app.IMPORT_PATH: (reward_app, {"config", "set", "model_dir"}, "model_dir", lambda c: c.serve),
+            design_app.IMPORT_PATH: (design_app, {"config", "set", "pipeline_dir"}, "pipeline_dir",
+                                     lambda c: c.design)}
 
 
-def test_rayservice_and_serve_reward_describe_the_same_app():
-    ours, theirs = (_serve_apps()[k]["applications"][0] for k in ("rayservice", "serve_reward"))
-    for key in ("name", "route_prefix", "import_path"):
-        assert ours[key] == theirs[key]
-    assert ours["deployments"][0]["name"] == theirs["deployments"][0]["name"]
+@pytest.mark.parametrize("which", ["rayservice", "serve_reward", "serve_design"])
+def test_serve_configs_validate_against_serves_schema_and_match_the_package(which):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = _serve_configs()[which]
+    ServeDeploySchema.model_validate(config)  # Ray Serve's own schema: raises on any violation
+    kinds = _serve_kinds()
+    for app in config["applications"]:
+        module, builder_args, folder_key, section = kinds[app["import_path"]]
+        assert [d["name"] for d in app["deployments"]] == [module.DEPLOYMENT_NAME]
+        assert set(app["args"]) <= builder_args
+        assert set(app["deployments"][0]["user_config"]) == {folder_key}
+        loaded = load_config(REPO / app["args"]["config"], app["args"].get("set") or [])  # overrides validate
+        assert app["name"] == section(loaded).app_name and app["route_prefix"] == section(loaded).route_prefix
+        assert config["http_options"] == {"host": loaded.serve.host, "port": loaded.serve.port}
+        folder = app["deployments"][0]["user_config"][folder_key]
+        if which == "rayservice":  # the GPU config's exports, on the shared volume
+            expected = Path(loaded.rm.out) / "model" if folder_key == "model_dir" else Path(loaded.online.out) / "pipeline"
+            assert folder == str(expected) and folder.startswith("/mnt/shared/")
+        elif folder_key == "pipeline_dir":
+            assert folder == module.default_pipeline_dir(loaded)
+
+
+def test_the_rayservice_serves_the_apps_of_the_serve_files():
+    service = {app["import_path"]: app for app in _serve_configs()["rayservice"]["applications"]}
+    files = [_serve_configs()[name]["applications"][0] for name in SERVE_FILES]
+    assert set(service) == {app["import_path"] for app in files}  # one proxy, every app
+    for theirs in files:
+        ours = service[theirs["import_path"]]
+        assert {k: ours[k] for k in ("name", "route_prefix")} == {k: theirs[k] for k in ("name", "route_prefix")}
+        assert ours["deployments"][0]["name"] == theirs["deployments"][0]["name"]
+    assert _serve_configs()["serve_design"]["http_options"] == _serve_configs()["serve_reward"]["http_options"]
 
 
 def test_kuberay_specs_agree_and_use_known_resources():
     specs = {name: _cluster_spec(name) for name in KUBERAY}
-    assert specs["rayjob_align"] == specs["raycluster"] == specs["rayservice_reward"]
+    assert specs["rayjob_align"] == specs["raycluster"] == specs["rayservice"]
     spec = specs["raycluster"]
     assert spec["rayVersion"] == _ray_version()
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
@@ -215,3 +227,171 @@ def test_images_install_this_repo():
     launcher = _load(LAUNCHER)
     assert "/home/ray/perfusion_ray" in launcher["file_mounts"]
     assert any("pip install" in c and "/home/ray/perfusion_ray" in c for c in launcher["setup_commands"])
+
+
+# ---------------------------------------------------------------- KubeRay's CRD schemas
+@functools.cache
+def _crd_schema(kind: str) -> dict:
+    """The v1 openAPIV3Schema of KubeRay's CRD for `kind` (tests/schemas/kuberay-v1.7.0/README.md)."""
+    crd = yaml.load(gzip.decompress((KUBERAY_SCHEMAS / KUBERAY_CRDS[kind]).read_bytes()), Loader=yaml.CSafeLoader)
+    assert crd["spec"]["names"]["kind"] == kind
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert version["served"] and crd["spec"]["group"] == "ray.io"
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _unknown_fields_refused(schema):
+    """The schema as `kubectl apply` (field validation Strict) applies it: a field the schema does not declare is
+    an error. A structural schema leaves undeclared fields to be pruned, which jsonschema would let pass."""
+    if isinstance(schema, list):
+        return [_unknown_fields_refused(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: _unknown_fields_refused(value) for key, value in schema.items()}
+    if "properties" in strict and "additionalProperties" not in strict \
+            and not strict.get("x-kubernetes-preserve-unknown-fields"):
+        strict["additionalProperties"] = False
+    return strict
+
+
+@functools.cache
+def _strict_crd_schema(kind: str) -> dict:
+    return _unknown_fields_refused(_crd_schema(kind))
+
+
+def crd_violations(document: dict) -> list[str]:
+    """Every place `document` breaks its KubeRay CRD, as `path: message` (empty: it validates)."""
+    import jsonschema
+
+    if document.get("kind") not in KUBERAY_CRDS or document.get("apiVersion") != "ray.io/v1":
+        return [f"apiVersion/kind: {document.get('apiVersion')}/{document.get('kind')} is not a KubeRay v1 kind"]
+    validator = jsonschema.Draft7Validator(_strict_crd_schema(document["kind"]))
+    return sorted(f"{'.'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}"
+                  for error in validator.iter_errors(document))
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_manifests_validate_against_kuberays_crds(name):
+    assert crd_violations(_load(KUBERAY[name])) == []
+
+
+def test_the_crd_check_finds_a_typo_and_a_wrong_type():
+    broken = _load(KUBERAY["raycluster"])
+    broken["spec"]["authOption"] = broken["spec"].pop("authOptions")  # a typo: pruned by Kubernetes, silently
+    broken["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "2"
+    violations = crd_violations(broken)
+    assert any(v.startswith("spec:") and "'authOption'" in v for v in violations), violations
+    assert any(v.startswith("spec.workerGroupSpecs.0.maxReplicas:") for v in violations), violations
+
+
+def _rule_paths(schema: dict, path: tuple = ()):
+    """Paths of the fields that carry CEL rules (x-kubernetes-validations), '*' for list items."""
+    if "x-kubernetes-validations" in schema:
+        yield path
+    for key, child in (schema.get("properties") or {}).items():
+        yield from _rule_paths(child, path + (key,))
+    if isinstance(schema.get("items"), dict):
+        yield from _rule_paths(schema["items"], path + ("*",))
+
+
+def _has(document, path: tuple) -> bool:
+    if not path:
+        return True
+    if path[0] == "*":
+        return isinstance(document, list) and any(_has(item, path[1:]) for item in document)
+    return isinstance(document, dict) and path[0] in document and _has(document[path[0]], path[1:])
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_no_manifest_sets_a_field_whose_cel_rule_goes_unchecked_here(name):
+    # jsonschema does not evaluate CEL; the rules of v1.7.0 sit on fields (managedBy, deletionStrategy, gcs
+    # fault tolerance, the status) these manifests leave unset, so the API server has nothing more to refuse.
+    document = _load(KUBERAY[name])
+    rules = list(_rule_paths(_crd_schema(document["kind"])))
+    assert rules  # the walk finds them
+    assert [path for path in rules if path and _has(document, path)] == []
+
+
+def test_every_kuberay_cluster_runs_with_token_auth():
+    for name in KUBERAY:
+        spec = _cluster_spec(name)
+        assert spec["authOptions"] == {"mode": "token", "secretName": "perfusion-ray-token"}, name
+        # KubeRay's own admission rule (ray-operator/controllers/ray/utils/validation.go): token mode needs Ray 2.52+
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)
+
+
+# ---------------------------------------------------------------- Ray's cluster launcher schema
+def _launcher_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def launcher_violations(config: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(_launcher_schema())
+    return sorted(f"{'.'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}"
+                  for error in validator.iter_errors(config))
+
+
+def test_launcher_validates_against_rays_schema_as_ray_up_does():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = _load(LAUNCHER)
+    assert launcher_violations(config) == []
+    validate_config(prepare_config(copy.deepcopy(config)))  # `ray up`: defaults filled in, then Ray's own checks
+
+
+def test_the_launcher_check_finds_a_typo():
+    broken = _load(LAUNCHER)
+    broken["available_node_types"]["gpu_worker"]["max_worker"] = 2
+    assert any("max_worker" in v for v in launcher_violations(broken))
+
+
+def test_the_launcher_runs_every_ray_process_with_token_auth():
+    launcher = _load(LAUNCHER)
+    options = launcher["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in options
+    (path,) = [o.split("=", 1)[1] for o in options if o.startswith("-e RAY_AUTH_TOKEN_PATH=")]
+    mounts = {o.split()[1].split(":")[1]: o.split()[1].split(":")[0] for o in options if o.startswith("-v ")}
+    folder = str(Path(path).parent)
+    assert folder in mounts, "the token file is not mounted into the container"
+    assert any(f"{mounts[folder]}/{Path(path).name}" in c for c in launcher["initialization_commands"])
+
+
+# ---------------------------------------------------------------- GPUs for Serve replicas
+def _replicas(config) -> list[tuple[str, int, float, float]]:
+    """(app, max replicas, CPUs, GPUs per replica) of the config's two apps."""
+    return [(section.app_name, section.max_replicas, section.replica_cpus, section.replica_gpus)
+            for section in (config.serve, config.design)]
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: p.name)
+def test_gpu_configs_put_serve_replicas_on_gpus(path):
+    config = load_config(path)
+    assert all(gpus > 0 for _, _, _, gpus in _replicas(config))
+    assert config.serve.replica_dtype != "float32" and config.design.replica_dtype != "float32"
+
+
+def _worker_pods(spec: dict) -> list[tuple[int, float, float]]:
+    """(max pods, CPUs, GPUs) of each KubeRay worker group."""
+    out = []
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        out.append((int(group.get("maxReplicas", group["replicas"])), float(limits["cpu"]),
+                    float(limits.get("nvidia.com/gpu", 0))))
+    return out
+
+
+def test_kuberay_gpus_cover_the_serve_replicas_beside_the_train_workers():
+    config, train_gpus = _gpu_config()
+    serving = sum(count * gpus for _, count, _, gpus in _replicas(config))
+    for name in KUBERAY:
+        pods = _worker_pods(_cluster_spec(name))
+        for app, _, cpus, gpus in _replicas(config):  # a replica fits one pod
+            assert any(pod_cpus >= cpus and pod_gpus >= gpus for _, pod_cpus, pod_gpus in pods), (name, app)
+        # The rounds (RayJob) run the reward app beside the training workers; the RayService runs both apps.
+        needed = {"rayjob_align": train_gpus + config.serve.max_replicas * config.serve.replica_gpus,
+                  "rayservice": serving, "raycluster": train_gpus + serving}[name]
+        assert sum(count * gpus for count, _, gpus in pods) >= needed, (name, needed)

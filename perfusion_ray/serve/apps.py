@@ -40,6 +40,7 @@ def autoscaling_config(bounds: ReplicaBounds, serve: ServeConfig) -> dict:
 class DeploymentSection(ReplicaBounds, Protocol):
     max_ongoing_requests: int
     replica_cpus: float
+    replica_gpus: float
 
 
 def deployment_options(config: PerfusionConfig, section: DeploymentSection, user_config: dict) -> dict:
@@ -47,7 +48,7 @@ def deployment_options(config: PerfusionConfig, section: DeploymentSection, user
     health checks and the access log from config.serve, the model in user_config."""
     return dict(autoscaling_config=autoscaling_config(section, config.serve),
                 max_ongoing_requests=section.max_ongoing_requests,
-                ray_actor_options={"num_cpus": section.replica_cpus},
+                ray_actor_options={"num_cpus": section.replica_cpus, "num_gpus": section.replica_gpus},
                 logging_config={"enable_access_log": config.serve.access_log},
                 health_check_period_s=config.serve.health_check_period_s,
                 health_check_timeout_s=config.serve.health_check_timeout_s,

@@ -19,6 +19,7 @@ request fails and every score names the version that produced it.
 # No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from ray import serve
 from perfusion_ray.serve.batching import each_alone, unwrap
 from perfusion_ray.serve.http import authorize, health_response, read_request, serving_host
 from perfusion_ray.serve.images import array_images, decode_images
+from perfusion_ray.serve.placement import PlacedReplica, replica_placement
 from perfusion_ray.serve.model_store import ServedModel, VersionedReplica, load_served_model
 from perfusion_ray.serve.openapi import REFUSALS, ingress_api, request_body
 from perfusion_ray.serve.schemas import MerchantFields, ScoreRequest, ScoreResponse, VersionResponse, reject, validated
@@ -65,14 +67,17 @@ def _images_in(jobs: list[_Job]) -> int:
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
-class RewardModel(VersionedReplica):
-    """Model versions: VersionedReplica (user_config {model_dir, revision?, max_batch_size?, batch_wait_timeout_s?})."""
+class RewardModel(VersionedReplica, PlacedReplica):
+    """Model versions: VersionedReplica (user_config {model_dir, revision?, max_batch_size?, batch_wait_timeout_s?}).
+    Device and dtype: PlacedReplica (serve.replica_gpus, serve.replica_dtype)."""
 
     FOLDER_KEY, WHAT, LOADER, BATCH_METHOD = "model_dir", "reward model", staticmethod(load_served_model), "_score_batch"
 
-    def __init__(self, limits: dict, bearer_token: str | None = None):
+    def __init__(self, limits: dict, bearer_token: str | None = None, dtype: str = "float32"):
         import torch
 
+        self._placement = replica_placement(dtype, "reward model")
+        self.LOADER = partial(load_served_model, placement=self._placement)  # every version loads onto it
         torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
         self.limits = RequestLimits(**limits)
         self.token = bearer_token

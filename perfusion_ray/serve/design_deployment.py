@@ -24,6 +24,7 @@ import base64
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, Fee
 from perfusion_ray.serve.batching import each_alone, unwrap
 from perfusion_ray.serve.http import authorize, health_response, read_request, refusal_response, serving_host
 from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
+from perfusion_ray.serve.placement import PlacedReplica, ReplicaPlacement, replica_placement
 from perfusion_ray.records import Merchant
 from perfusion_ray.serve.openapi import REFUSALS, Refusal, ingress_api, request_body
 from perfusion_ray.serve.schemas import RewardRequestError, reject, validated
@@ -73,6 +75,7 @@ class DesignSettings:
     personalize_unconditional: bool
     route_prefix: str
     merchants: tuple = ()  # [{id, features, stats, cold_start}] offered by the page
+    dtype: str = "float32"  # design.replica_dtype
 
 
 @dataclass
@@ -89,15 +92,21 @@ def _images_in(jobs: list[_Job]) -> int:
     return sum(job.n for job in jobs)
 
 
-def load_served_pipeline(folder: str) -> Served:
-    """Load with one torch thread and pay the first-call warm-up before traffic arrives."""
+def load_served_pipeline(folder: str, placement: ReplicaPlacement | None = None) -> Served:
+    """Load with one torch thread, on placement's device and dtype (None: CPU, float32), and pay the first-call
+    warm-up before traffic arrives."""
     import torch
 
     from perfusion_ray.models.pipeline import PerFusionPipeline
 
     torch.set_num_threads(1)
     folder = resolve_path(folder)
-    pipeline = PerFusionPipeline.from_pretrained(str(folder))
+    dtype = placement.torch_dtype if placement else torch.float32
+    pipeline = PerFusionPipeline.from_pretrained(str(folder), dtype=dtype)
+    if dtype == torch.float16 and getattr(pipeline.vae.config, "force_upcast", False):
+        pipeline.vae.to(torch.float32)  # the VAE overflows in float16 (SDXL's); it decodes in float32 (as diffusers)
+    if placement is not None:
+        pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)
     pipeline(["warm-up"], merchant=[{"merchant_id": "warm-up"}], num_inference_steps=1, output_type="np",
              generator=torch.Generator().manual_seed(0))
@@ -133,9 +142,9 @@ def _merchant_groups(jobs: list[_Job]) -> list[list[int]]:
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
-class DesignModel(VersionedReplica):
+class DesignModel(VersionedReplica, PlacedReplica):
     """Policy versions: VersionedReplica (user_config {pipeline_dir, revision?, max_batch_size?,
-    batch_wait_timeout_s?})."""
+    batch_wait_timeout_s?}). Device and dtype: PlacedReplica (design.replica_gpus, design.replica_dtype)."""
 
     FOLDER_KEY, WHAT, LOADER, BATCH_METHOD = ("pipeline_dir", "design policy", staticmethod(load_served_pipeline),
                                               "_generate_batch")
@@ -145,6 +154,8 @@ class DesignModel(VersionedReplica):
 
         torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
         self.settings = DesignSettings(**settings)
+        self._placement = replica_placement(self.settings.dtype, "design policy")
+        self.LOADER = partial(load_served_pipeline, placement=self._placement)  # every version loads onto it
         self.token = bearer_token
         check_bind(serving_host(), self.token, what="the design endpoint")
         self.store = DesignStore(self.settings.store_root, self.settings.split)

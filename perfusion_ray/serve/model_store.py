@@ -64,8 +64,9 @@ class ServedModel(Served):
         return "known" if merchant_id in self.model.merchant_encoder.known_ids else "cold_start"
 
 
-def load_served_model(folder: str | Path) -> ServedModel:
-    """Load with one torch thread (replicas share small machines) and warm it up once."""
+def load_served_model(folder: str | Path, placement=None) -> ServedModel:
+    """Load with one torch thread (replicas share small machines), on placement's device and dtype (a
+    serve.placement.ReplicaPlacement; None: CPU, float32), and warm it up once."""
     import numpy as np
     import torch
 
@@ -75,6 +76,8 @@ def load_served_model(folder: str | Path) -> ServedModel:
     torch.set_num_threads(1)
     folder = resolve_path(folder)
     model = load_reward_model(folder)
+    if placement is not None:
+        model = model.to(device=placement.device, dtype=placement.torch_dtype)
     version = model_version(folder)
     size = model.image_size
     # The first CPU forward pays a one-off warm-up of a few seconds: pay it before traffic arrives.

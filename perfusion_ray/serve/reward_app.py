@@ -3,9 +3,9 @@
 `build_app(args)` is the application builder that `serve run` / `serve deploy` call with the `args` of
 cluster/serve_reward.yaml:
     args: {config: configs/fashionworld.yaml, set: [serve.max_batch_size=64, ...]}
-Everything else (batching, autoscaling, limits, CPUs per replica) comes from the config's serve
-section. The model is not an init argument but the deployment's user_config, {model_dir: ...}, so a
-new RM version is a declarative redeploy that changes only user_config: Serve then calls
+Everything else (batching, autoscaling, limits, CPUs, GPUs and dtype per replica) comes from the
+config's serve section. The model is not an init argument but the deployment's user_config,
+{model_dir: ...}, so a new RM version is a declarative redeploy that changes only user_config: Serve then calls
 reconfigure() on the running replicas in place instead of replacing them (no failed call during the
 cut-over), and `rollout()` does exactly that.
 
@@ -52,7 +52,7 @@ def reward_application(config: PerfusionConfig, token: str | None, model_dir: st
     from perfusion_ray.serve.deployment import RewardModel
 
     return bind_application(RewardModel, config, config.serve, user_config(model_dir or default_model_dir(config)),
-                            limits(config), token)
+                            limits(config), token, config.serve.replica_dtype)
 
 
 def build_app(args: dict):
