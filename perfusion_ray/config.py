@@ -270,16 +270,6 @@ class OnlineConfig(Section):
                                                "pipeline/, tensorboard/, rounds.jsonl")
 
 
-class ServeConfig(Section):
-    """The reward endpoint on Ray Serve (perfusion_ray/serve/): where it binds, what it accepts, how it
-    batches and scales. One HTTP proxy per cluster, so host/port/token are shared by every app on it."""
-
-    host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs a bearer token")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy (every app on the cluster)")
-    bearer_token: str | None = Field(None, description="required for /v1/* when set; prefer bearer_token_env "
-                                                       "over writing a secret into a config file")
-    bearer_token_env: str = Field("PERFUSION_SERVE_TOKEN", description="environment variable read for the token "
-                                                                       "when bearer_token is unset")
 def _gpu_share(value: float) -> float:
     """Ray's rule for an actor's GPUs: a share of one GPU below 1, whole GPUs above."""
     if value > 1 and value != int(value):
@@ -290,6 +280,16 @@ def _gpu_share(value: float) -> float:
 ReplicaDtype = Literal["float32", "bfloat16", "float16"]
 
 
+class ServeConfig(Section):
+    """The reward endpoint on Ray Serve (perfusion_ray/serve/): where it binds, what it accepts, how it
+    batches and scales. One HTTP proxy per cluster, so host/port/token are shared by every app on it."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address; anything but loopback needs a bearer token")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy (every app on the cluster)")
+    bearer_token: str | None = Field(None, description="required for /v1/* when set; prefer bearer_token_env "
+                                                       "over writing a secret into a config file")
+    bearer_token_env: str = Field("PERFUSION_SERVE_TOKEN", description="environment variable read for the token "
+                                                                       "when bearer_token is unset")
     app_name: str = Field("reward", min_length=1, description="Serve application name (handles look it up)")
     route_prefix: str = Field("/", pattern=r"^/", description="HTTP path prefix of the application")
     model_dir: str | None = Field(None, description="RM directory served first; None: <rm.out>/model")
@@ -306,6 +306,13 @@ ReplicaDtype = Literal["float32", "bfloat16", "float16"]
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill after its first request")
     # Replicas and autoscaling (Serve's autoscaling_config).
     replica_cpus: float = Field(0.5, gt=0, description="logical CPUs per replica (fractional on small machines)")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0.25: four replicas share a GPU); the "
+                                                       "replica runs on CUDA when Ray assigns it a GPU that torch "
+                                                       "sees, else on the CPU, and logs which")
+    replica_dtype: ReplicaDtype = Field("float32", description="the served RM's weights and compute; bfloat16 or "
+                                                               "float16 halve its memory (bfloat16 becomes float16 "
+                                                               "on GPUs without it)")
+    _whole_gpus = field_validator("replica_gpus")(_gpu_share)
     access_log: bool = Field(False, description="a log line per request from each replica (costs CPU per request)")
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per replica (queued for a batch "
                                                            "or scoring); Serve's default of 5 starves batching")
@@ -316,13 +323,6 @@ ReplicaDtype = Literal["float32", "bfloat16", "float16"]
     downscale_delay_s: float = Field(15.0, ge=0, description="sustained low load this long before removing one")
     look_back_period_s: float = Field(12.0, gt=0, description="window the autoscaler averages ongoing requests over; "
                                                              "Serve wants it above its 10 s metrics push interval")
-    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0.25: four replicas share a GPU); the "
-                                                       "replica runs on CUDA when Ray assigns it a GPU that torch "
-                                                       "sees, else on the CPU, and logs which")
-    replica_dtype: ReplicaDtype = Field("float32", description="the served RM's weights and compute; bfloat16 or "
-                                                               "float16 halve its memory (bfloat16 becomes float16 "
-                                                               "on GPUs without it)")
-    _whole_gpus = field_validator("replica_gpus")(_gpu_share)
     # Health checks (both apps): how soon a dead or hung replica leaves the status and gets replaced.
     health_check_period_s: float = Field(1.0, gt=0, description="Serve checks each replica this often; a dead one "
                                                                 "shows as unhealthy within about this long")
@@ -380,6 +380,12 @@ class DesignConfig(Section):
                                                                   "replica")
     max_ongoing_requests: int = Field(32, ge=1, description="requests in flight per replica (queued for a batch)")
     replica_cpus: float = Field(0.5, gt=0, description="logical CPUs per design replica")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per design replica (each holds a whole pipeline); "
+                                                       "CUDA when Ray assigns a GPU that torch sees, else the CPU")
+    replica_dtype: ReplicaDtype = Field("float32", description="the served pipeline's weights and compute (a VAE "
+                                                               "that asks for float32 under float16, as SDXL's does, "
+                                                               "keeps it)")
+    _whole_gpus = field_validator("replica_gpus")(_gpu_share)
 
     @model_validator(mode="after")
     def _limits_agree(self) -> "DesignConfig":
@@ -390,12 +396,6 @@ class DesignConfig(Section):
             raise ValueError("; ".join(problems))
         return self
 
-    replica_gpus: float = Field(0.0, ge=0, description="GPUs per design replica (each holds a whole pipeline); "
-                                                       "CUDA when Ray assigns a GPU that torch sees, else the CPU")
-    replica_dtype: ReplicaDtype = Field("float32", description="the served pipeline's weights and compute (a VAE "
-                                                               "that asks for float32 under float16, as SDXL's does, "
-                                                               "keeps it)")
-    _whole_gpus = field_validator("replica_gpus")(_gpu_share)
 
 class ClusterConfig(Section):
     """Where Ray runs. address None: RAY_ADDRESS if set, else a local cluster on 127.0.0.1."""

@@ -19,8 +19,8 @@ request fails and every score names the version that produced it.
 # No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from fastapi import Request
@@ -30,8 +30,8 @@ from ray import serve
 from perfusion_ray.serve.batching import each_alone, unwrap
 from perfusion_ray.serve.http import authorize, health_response, read_request, serving_host
 from perfusion_ray.serve.images import array_images, decode_images
-from perfusion_ray.serve.placement import PlacedReplica, replica_placement
 from perfusion_ray.serve.model_store import ServedModel, VersionedReplica, load_served_model
+from perfusion_ray.serve.placement import PlacedReplica, replica_placement
 from perfusion_ray.serve.openapi import REFUSALS, ingress_api, request_body
 from perfusion_ray.serve.schemas import MerchantFields, ScoreRequest, ScoreResponse, VersionResponse, reject, validated
 from perfusion_ray.serve.security import check_bind
@@ -76,9 +76,9 @@ class RewardModel(VersionedReplica, PlacedReplica):
     def __init__(self, limits: dict, bearer_token: str | None = None, dtype: str = "float32"):
         import torch
 
+        torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
         self._placement = replica_placement(dtype, "reward model")
         self.LOADER = partial(load_served_model, placement=self._placement)  # every version loads onto it
-        torch.set_num_threads(1)  # replicas get fractional CPUs on shared machines
         self.limits = RequestLimits(**limits)
         self.token = bearer_token
         # Refuse to serve on a non-loopback proxy without a token, however the app was deployed
