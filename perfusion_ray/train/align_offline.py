@@ -25,6 +25,7 @@ import torch
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.data.group_examples import committed_group_files, decode_groups, distinct_merchants
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.faults import fault_point
 from perfusion_ray.records import GroupBatch, Merchant
 from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
 from perfusion_ray.train.group_step import group_step, group_tensors
@@ -121,6 +122,7 @@ def train_loop_per_worker(loop: dict) -> None:
         state["groups_used"] += result.groups_used
         state["passes"] += result.denoiser_passes
         state["train_seconds"] += time.perf_counter() - started
+        fault_point(f"align:step{state['step']}:trained")
         final = state["step"] >= align.max_steps
         if state["step"] % align.checkpoint_every == 0 or final:
             _report(strategy, engine, config, loop, state, window, resumed_from, final)
@@ -146,7 +148,8 @@ def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_f
                "groups_used": totals["groups_used"],
                "denoiser_passes_per_group": totals["passes"] / max(totals["groups"], 1), "final": final}
     report_with_checkpoint(engine, state, metrics, export=(
-        lambda folder: export_pipeline(config, loop["known"], full_state, folder / "pipeline")) if final else None)
+        lambda folder: export_pipeline(config, loop["known"], full_state, folder / "pipeline")) if final else None,
+        moment=f"align:step{state['step']}")
 
 
 @dataclass

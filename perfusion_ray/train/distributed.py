@@ -23,12 +23,16 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: ClusterConfig, name: str,
                   storage: Path, datasets: dict, checkpoint_config=None):
     """A TorchTrainer for `run` (workers, GPU or CPU share, gloo or NCCL), restarting once on a worker
-    failure from the latest checkpoint, with this package's worker environment."""
+    failure from the latest checkpoint, with this package's worker environment. The checkpoints a resume
+    would load are checked first: a file that asks to run code is refused here, in one line."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from perfusion_ray.faults import fault_env
     from perfusion_ray.runtime import worker_env_vars
+    from perfusion_ray.train.checkpoint_engine import check_deepspeed_checkpoints
 
+    check_deepspeed_checkpoints(storage / name)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -38,7 +42,7 @@ def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: Cl
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=1),
-                             worker_runtime_env={"env_vars": worker_env_vars()}),
+                             worker_runtime_env={"env_vars": {**worker_env_vars(), **fault_env()}}),
         datasets=datasets,
     )
 
@@ -54,20 +58,38 @@ def restore_latest(engine, state: dict, read_extra=None) -> dict:
     if not checkpoint:
         return state
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag="engine")
+        load_engine(engine, folder, checkpoint.path)
         if read_extra is not None:
             read_extra(Path(folder))
         return json.loads((Path(folder) / "state.json").read_text())
 
 
-def report_with_checkpoint(engine, state: dict, metrics: dict, export=None) -> None:
+def load_engine(engine, folder: str | Path, where: str) -> None:
+    """The engine's state from a checkpoint folder (files read as data, train/checkpoint_engine.py); a
+    checkpoint without one is an error, not a silent fresh start beside a restored state.json."""
+    from perfusion_ray.errors import PerfusionError
+
+    load_path, _ = engine.load_checkpoint(str(folder), tag="engine")
+    if load_path is None:
+        raise PerfusionError(f"the checkpoint {where} holds no DeepSpeed engine state")
+
+
+def report_with_checkpoint(engine, state: dict, metrics: dict, export=None, moment: str = "") -> None:
     """ray.train.report with a checkpoint: every rank saves the engine (collective), rank 0 adds
-    state.json and, when given, `export(folder)` (e.g. the exported model)."""
+    state.json and, when given, `export(folder)` (e.g. the exported model).
+
+    The checkpoint counts once every rank's report reached Ray Train's controller, which polls for them:
+    a worker that dies within about a second of its report can take the checkpoint with it, and the run
+    then resumes from the one before. Everything a run must do exactly once is therefore in state.json,
+    written in the same checkpoint as the engine it goes with. `moment` names the crash points
+    (faults.py) <moment>:saved (files written, not reported) and <moment>:reported."""
     import json
     import tempfile
 
     import ray.train
     from ray.train import Checkpoint
+
+    from perfusion_ray.faults import fault_point
 
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag="engine")
@@ -75,4 +97,8 @@ def report_with_checkpoint(engine, state: dict, metrics: dict, export=None) -> N
             (Path(folder) / "state.json").write_text(json.dumps(state))
             if export is not None:
                 export(Path(folder))
+        if moment:
+            fault_point(f"{moment}:saved")
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        if moment:
+            fault_point(f"{moment}:reported")

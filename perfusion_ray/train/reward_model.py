@@ -22,6 +22,7 @@ import torch
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.data.group_examples import committed_group_files, decode_groups, distinct_merchants
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.faults import fault_point
 from perfusion_ray.metrics import gauc
 from perfusion_ray.models.clip_towers import load_clip
 from perfusion_ray.models.merchant_encoder import stable_bucket
@@ -143,6 +144,7 @@ def train_loop_per_worker(loop: dict) -> None:
             losses.append(loss.item())
             fetch_started = time.perf_counter()
         train_seconds = time.perf_counter() - started
+        fault_point(f"rm:epoch{state['epoch'] + 1}:trained")
         replay = cache is not None
         groups_trained = int(all_reduce_sum([float(groups_trained)])[0])
         validation = _validation_gauc(model, engine, validation_shard, rm.batch_groups, threshold)
@@ -159,7 +161,8 @@ def train_loop_per_worker(loop: dict) -> None:
              "export_rank": export_rank(improved, state["epoch"]),
              "groups_trained": state["groups_trained"], "epoch_data_wait_seconds": waited,
              "epoch_train_seconds": train_seconds, "epoch_cpu_seconds": time.process_time() - cpu_started},
-            export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None)
+            export=(lambda folder: save_reward_model(model, folder / "model", state_dict=full_state)) if improved else None,
+            moment=f"rm:epoch{state['epoch']}")
 
 
 def early_stopping_update(best_gauc: float, stale: int, validation: float) -> tuple[bool, float, int]:
@@ -181,6 +184,22 @@ def export_rank(exported: bool, epoch: int) -> float:
     return float(exported) * 1e6 + epoch
 
 
+def checkpoint_config():
+    """Ray Train keeps the two checkpoints of highest export_rank: the latest export is always one of them."""
+    from ray.train import CheckpointConfig
+
+    return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="export_rank", checkpoint_score_order="max")
+
+
+def best_export(result) -> tuple:
+    """(checkpoint, metrics) of a finished run's best export: the kept checkpoint of highest export_rank."""
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["export_rank"])
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / "model").is_dir():
+            raise PerfusionError(f"the best checkpoint {checkpoint.path} has no exported model")
+    return checkpoint, metrics
+
+
 @dataclass
 class RMTrainReport:
     model_dir: Path
@@ -196,7 +215,6 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str
     """Train, early-stop and export PerFusionRM on a split's groups to <out>/model (default out: rm.out).
     See the module docstring."""
     import ray
-    from ray.train import CheckpointConfig
 
     from perfusion_ray.runtime import init_ray
     from perfusion_ray.storage import replace_directory
@@ -226,19 +244,15 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str
         train_loop_per_worker,
         {"config": config.model_dump(mode="json"), "model_config": model_config.model_dump(), "merchants": merchants,
          "steps_per_epoch": math.ceil(train_groups / (rm.num_workers * rm.batch_groups))},
-        rm, config.cluster, RUN_NAME, storage, datasets,
-        CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="export_rank", checkpoint_score_order="max"))
+        rm, config.cluster, RUN_NAME, storage, datasets, checkpoint_config())
     result = trainer.fit()
     if result.error:
         raise result.error
-    best = max(result.best_checkpoints, key=lambda pair: pair[1]["export_rank"])
-    with best[0].as_directory() as folder:
-        exported = Path(folder) / "model"
-        if not exported.is_dir():
-            raise PerfusionError(f"the best checkpoint {best[0].path} has no exported model")
-        target = out / "model"
-        replace_directory(exported, target)
+    best, best_metrics = best_export(result)
+    target = out / "model"
+    with best.as_directory() as folder:
+        replace_directory(Path(folder) / "model", target)
     load_reward_model(target)  # the export must load on its own, or the run is not done
-    return RMTrainReport(target, float(best[1]["best_val_gauc"]), int(result.metrics["epoch"]),
+    return RMTrainReport(target, float(best_metrics["best_val_gauc"]), int(result.metrics["epoch"]),
                          int(result.metrics["resumed_from_epoch"]), time.perf_counter() - started,
                          result.metrics["groups_trained"] / max(result.metrics["train_seconds"], 1e-9))

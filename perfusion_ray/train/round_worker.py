@@ -40,7 +40,7 @@ from perfusion_ray.faults import fault_point
 from perfusion_ray.records import GroupBatch, Request
 from perfusion_ray.rounds.state import RoundState
 from perfusion_ray.train.align_offline import PolicyMerchants, build_worker_policy, export_pipeline
-from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint
+from perfusion_ray.train.distributed import all_reduce_sum, load_engine, report_with_checkpoint
 from perfusion_ray.train.group_step import group_step, group_tensors
 from perfusion_ray.train.on_policy import average_weights, mix_sizes
 from perfusion_ray.train.strategy import DeepSpeedStrategy
@@ -108,7 +108,7 @@ class RoundWorker:
         if not checkpoint:
             return None
         with checkpoint.as_directory() as folder:
-            self.engine.load_checkpoint(folder, tag="engine")
+            load_engine(self.engine, folder, checkpoint.path)
             if (Path(folder) / AVERAGE_FILE).is_file():
                 self.average = load_file(str(Path(folder) / AVERAGE_FILE))
             if self.rank == 0 and (Path(folder) / BEST_FILE).is_file():  # only rank 0 exports
@@ -298,8 +298,8 @@ class RoundWorker:
             if final:
                 export_pipeline(self.config, self.known, self._shipped(), folder / "pipeline")
 
-        report_with_checkpoint(self.engine, asdict(state), metrics, export=extras)
-        fault_point(f"online:round{state.round - 1}:checkpointed")
+        report_with_checkpoint(self.engine, asdict(state), metrics, export=extras,
+                               moment=f"online:round{state.round - 1}")
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

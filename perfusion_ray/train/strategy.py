@@ -1,5 +1,7 @@
 """One object that hides DeepSpeed (OpenRLHF-style): build the engine, step, checkpoint, export.
 
+Engines load their checkpoints with torch.load(weights_only=True) (train/checkpoint_engine.py).
+
 CPU runs use the gloo process group Ray Train creates, a torch AdamW (DeepSpeed's own Adam would
 JIT-compile ops for a minute), and the shared-memory comm op switched off; GPU runs use the same
 code with use_gpu and bf16.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from perfusion_ray.runtime import disable_deepspeed_shm_op
+from perfusion_ray.train.checkpoint_engine import use_weights_only_loading
 
 
 @dataclass
@@ -53,6 +56,7 @@ class DeepSpeedStrategy:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                           config=self.ds_config(world_size))
+        use_weights_only_loading(engine)  # resume reads checkpoint files as data, never as code
         return engine
 
     def lr_factor(self, step: int) -> float:

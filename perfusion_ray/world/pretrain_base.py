@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.weights_only import load_weights_only
 
 DEFAULT_WORK = Path("out/pretrain_base")
 COMMAND = "perfusion pretrain base"
@@ -444,7 +445,7 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
     optimizer = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
     step, train_seconds = 0, 0.0
     if _state_path(work).is_file() and not args.fresh:
-        state = torch.load(_state_path(work), map_location="cpu", weights_only=False)
+        state = load_weights_only(_state_path(work))  # data only: the work folder may be shared
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema.unet.load_state_dict(state["ema_unet"])
@@ -534,13 +535,11 @@ def train_unet(args, train, vae, classifier, work: Path, curve: Curve):
 
 def load_unet_state(args, train, vae):
     """The EMA model from the work folder's checkpoint (for --stage eval/export)."""
-    import torch
-
     from perfusion_ray.models.base import build_embedded
 
     if not _state_path(args.work).is_file():
         raise PerfusionError(f"no UNet checkpoint in {args.work}", hint="run the unet stage first")
-    state = torch.load(_state_path(args.work), map_location="cpu", weights_only=False)
+    state = load_weights_only(_state_path(args.work))
     ema = build_embedded(seed=args.seed, image_size=train.image_size)
     ema.vae = vae.eval()
     ema.unet.load_state_dict(state["ema_unet"])
