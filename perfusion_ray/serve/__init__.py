@@ -8,6 +8,10 @@ One module per concern:
   deployment.py  the Serve deployment: @serve.batch scoring, FastAPI routes, in-place reconfigure
   reward_app.py  build_app(args) for `serve run`/`serve deploy`, the declarative config, deploy and roll out
   client.py      RewardClient (HTTP) and RewardHandleClient (DeploymentHandle), one signature
+  http.py, fields.py, openapi.py  the one request-parsing path, its strict field types, the served OpenAPI
+  batching.py    a batch that raises runs again request by request (one bad request fails alone)
+  retry.py, proxy_middleware.py   replica loss: client retries; 503 + Retry-After from Serve's proxy
+  replica_drill.py                 kill one replica under load and measure what clients saw
 
 Nothing here imports ray or torch at package import time.
 """

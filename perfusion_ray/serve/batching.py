@@ -9,12 +9,15 @@ pass, one job at a time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import TypeVar
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
+Model = TypeVar("Model")
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,3 +44,12 @@ def unwrap(outcome: Result | Exception) -> Result:
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
+
+
+async def served_outcomes(executor: Executor, served: Model, run: Callable[[Model, Sequence[Job]], Sequence[Result]],
+                          jobs: Sequence[Job]) -> list[tuple[Result | Exception, Model]]:
+    """A @serve.batch body: run(served, jobs) on `executor` through each_alone, every outcome paired with the
+    model that produced it (the whole batch uses, and reports, that one model)."""
+    outcomes = await asyncio.get_running_loop().run_in_executor(executor, each_alone,
+                                                                lambda some: run(served, some), jobs)
+    return [(outcome, served) for outcome in outcomes]

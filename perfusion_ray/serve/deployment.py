@@ -17,7 +17,6 @@ request fails and every score names the version that produced it.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the route annotations (Request) as classes.
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from perfusion_ray.serve.batching import each_alone, unwrap
+from perfusion_ray.serve.batching import served_outcomes, unwrap
 from perfusion_ray.serve.http import authorize, health_response, read_request, serving_host
 from perfusion_ray.serve.images import array_images, decode_images
 from perfusion_ray.serve.model_store import ServedModel, VersionedReplica, load_served_model
@@ -110,10 +109,7 @@ class RewardModel(VersionedReplica, PlacedReplica):
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
     async def _score_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray | Exception, ServedModel]]:
-        served = self._served  # the whole batch uses, and reports, this one model
-        outcomes = await asyncio.get_running_loop().run_in_executor(
-            self._scorer, each_alone, lambda some: self._score_jobs(served, some), jobs)
-        return [(outcome, served) for outcome in outcomes]
+        return await served_outcomes(self._scorer, self._served, self._score_jobs, jobs)
 
     async def _score(self, merchant: MerchantFields, images: np.ndarray) -> dict:
         outcome, served = await self._score_batch(_Job(merchant, images))

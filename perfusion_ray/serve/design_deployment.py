@@ -35,7 +35,7 @@ from ray import serve
 from perfusion_ray.serve.design_feedback import DesignStore
 from perfusion_ray.serve.design_limits import RateLimiter
 from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, FeedbackRequest
-from perfusion_ray.serve.batching import each_alone, unwrap
+from perfusion_ray.serve.batching import served_outcomes, unwrap
 from perfusion_ray.serve.http import authorize, health_response, read_request, refusal_response, serving_host
 from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
 from perfusion_ray.serve.placement import PlacedReplica, ReplicaPlacement, replica_placement
@@ -182,10 +182,7 @@ class DesignModel(VersionedReplica, PlacedReplica):
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
     async def _generate_batch(self, jobs: list[_Job]) -> list[tuple[np.ndarray | Exception, Served]]:
-        served = self._served  # the whole batch uses, and reports, this one policy
-        outcomes = await asyncio.get_running_loop().run_in_executor(
-            self._generator, each_alone, lambda some: self._run(served, some), jobs)
-        return [(outcome, served) for outcome in outcomes]
+        return await served_outcomes(self._generator, self._served, self._run, jobs)
 
     # ------------------------------------------------------------ designs
     def _sizes(self, request: DesignRequest) -> tuple[int, int]:

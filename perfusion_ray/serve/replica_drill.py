@@ -46,9 +46,12 @@ def _status(app: str, deployment: str) -> tuple[str, int]:
 
 def replica_processes(app: str, deployment: str) -> list[tuple[int, str]]:
     """(pid, node id) of every live replica actor of the deployment."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
+    # This cluster's, by its address: other clusters may run on the same machine.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", f"ServeReplica:{app}:{deployment}"), ("state", "=", "ALIVE")])
     return [(actor.pid, actor.node_id) for actor in actors]
 
 
