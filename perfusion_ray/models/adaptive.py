@@ -107,7 +107,7 @@ class PersonalizedAdapter(ModelMixin, ConfigMixin):
     # ------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | Path, state_dict: dict | None = None, **_) -> None:
         """config.json + safetensors, LoRA matrices included (diffusers' own save would drop the peft
-        layers' meaning on reload, STACK.md). `state_dict` lets ZeRO-3 callers pass gathered weights."""
+        layers' meaning on reload: docs/stack-notes.md). `state_dict` lets ZeRO-3 callers pass gathered weights."""
         from safetensors.torch import save_file
 
         folder = Path(save_directory)
