@@ -15,23 +15,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-_stream: TextIO = sys.stdout  # where console lines go: the terminal, whatever fd 1 and 2 point at
+_terminal: TextIO | None = None  # the terminal while quiet_libraries logs fd 1 and 2; None: sys.stdout as it is now
 
 
 def stream() -> TextIO:
-    """The terminal: console lines and progress bars, even while the rest of the output is logged."""
-    return _stream
+    """The terminal: console lines and progress bars, even while the rest of the output is logged. Read
+    sys.stdout at each call, not at import, so that whoever replaced it (pytest's capture) receives them."""
+    return _terminal or sys.stdout
+
+
+def forwards_worker_output() -> bool:
+    """Whether Ray should forward its workers' output to this process: not while the console is quiet. The
+    driver prints forwarded lines whenever they arrive, possibly after the command's log redirection ended;
+    they stay in Ray's session logs (the log file names the folder)."""
+    return _terminal is None
 
 
 def say(line: str = "") -> None:
-    print(line, file=_stream, flush=True)
+    print(line, file=stream(), flush=True)
 
 
 @contextmanager
 def quiet_libraries(log_file: Path, verbose: bool):
     """Send the process's stdout and stderr to `log_file` for the duration (the console keeps the terminal);
     with verbose, leave everything on the terminal."""
-    global _stream
+    global _terminal
     if verbose:
         yield
         return
@@ -44,7 +52,7 @@ def quiet_libraries(log_file: Path, verbose: bool):
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
-    previous, _stream = _stream, terminal
+    previous, _terminal = _terminal, terminal
     _silence_progress_bars()
     try:
         yield
@@ -55,7 +63,7 @@ def quiet_libraries(log_file: Path, verbose: bool):
         os.dup2(saved[1], 2)
         for fd in saved:
             os.close(fd)
-        _stream = previous
+        _terminal = previous
         terminal.close()
 
 

@@ -64,12 +64,32 @@ def worker_env_vars() -> dict[str, str]:
     return dict(_PROCESS_ENV)
 
 
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (host:port, ray://host:port, http://host:port, [::1]:port) names this machine's
+    loopback interface."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def configure_environment(address: str | None = None) -> None:
-    """Set process-wide variables. Keeps Ray on loopback unless an address to join was given."""
+    """Set process-wide variables. Keeps Ray on loopback for a local cluster and for joining one by a
+    loopback address; only an address elsewhere lets Ray pick the machine's external interface."""
     for key, value in {**_PROCESS_ENV, **deepspeed_accelerator_env(_has_cuda())}.items():
         os.environ.setdefault(key, value)
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        # Without this Ray 2.60 binds the external interface (docs/stack-notes.md).
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address == "local" or is_loopback_address(address):
+        # Without this Ray 2.60 binds the external interface (docs/stack-notes.md), and joining by a loopback
+        # address dials the external one instead: Ray rewrites 127.0.0.1 to the machine's routable address
+        # before connecting (services.resolve_ip_for_localhost), where a cluster bound to loopback does not
+        # listen, and the client retries until it times out.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -82,15 +102,21 @@ def disable_deepspeed_shm_op() -> None:
     module.build_shm_op = lambda: None
 
 
-def _job_env_keys() -> set[str]:
-    """Environment variables the runtime_env of the `ray job submit` running us already sets."""
+def job_runtime_env() -> dict:
+    """The runtime_env of the `ray job submit` running us ({} outside a submitted job)."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
-        return set()
+        return {}
     try:
-        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}))
+        runtime_env = json.loads(raw).get("runtime_env") or {}
     except (ValueError, AttributeError):
-        return set()
+        return {}
+    return runtime_env if isinstance(runtime_env, dict) else {}
+
+
+def _job_env_keys() -> set[str]:
+    """Environment variables the runtime_env of the `ray job submit` running us already sets."""
+    return set(job_runtime_env().get("env_vars") or {})
 
 
 def init_ray(cluster: "ClusterConfig | None" = None):
@@ -104,10 +130,13 @@ def init_ray(cluster: "ClusterConfig | None" = None):
 
     if ray.is_initialized():
         return ray
+    from perfusion_ray.console import forwards_worker_output
+
+    forward = forwards_worker_output()  # a quiet console leaves the workers' output in Ray's session logs
     taken = _job_env_keys()  # a submitted job's own env_vars win; Ray refuses the same key twice
     runtime_env = {"env_vars": {key: value for key, value in worker_env_vars().items() if key not in taken}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=forward)
     else:
         # Inherited by the raylet and so by every worker, Serve's controller, proxies and replicas included.
         os.environ.update(serve_ingress_env(cluster.serve_ingress if cluster else "proxy"))
@@ -116,8 +145,10 @@ def init_ray(cluster: "ClusterConfig | None" = None):
             _node_ip_address=LOOPBACK,
             runtime_env=runtime_env,
             include_dashboard=True,  # without it a cleaner actor logs a warning every second
-            log_to_driver=True,
+            log_to_driver=forward,
         )
+    if not forward:  # printed into the command's log file
+        print(f"Ray workers' output: {ray._private.worker.global_worker.node.get_logs_dir_path()}", flush=True)
     return ray
 
 

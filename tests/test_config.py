@@ -75,3 +75,13 @@ def test_every_shipped_config_loads():
         assert config.source == str(path)
     gpu = load_config(REPO_ROOT / "configs" / "sd15.yaml")
     assert gpu.align.use_gpu and gpu.align.bf16 and gpu.align.zero_stage == 3  # the path test_alignment runs small
+
+
+def test_the_checked_in_configuration_reference_is_the_generated_one():
+    """docs/configuration.md is `perfusion config docs` output: regenerate it when a field changes."""
+    from perfusion_ray.config import REPO_ROOT
+    from perfusion_ray.config_docs import generate, undocumented
+
+    assert undocumented() == []  # every field says what it sets
+    assert (REPO_ROOT / "docs" / "configuration.md").read_text() == generate(), \
+        "run `perfusion config docs --out docs/configuration.md`"
