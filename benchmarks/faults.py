@@ -1,6 +1,7 @@
 """Fault figures: what hostile HTTP and a replica loss do to the served apps, measured on a local cluster.
 
     .venv/bin/python -m benchmarks.faults [--examples 200] [--kill-seconds 30] [--concurrency 8] [--quick]
+        [--groups http,replica,resume] [--resume-seeds 3]
 
 One function per figure group, each printing its lines (and adding them to benchmarks/results/faults.txt):
   http_figures          requests sent to both apps (schemathesis cases from each app's own OpenAPI, hypothesis-
@@ -10,7 +11,13 @@ One function per figure group, each printing its lines (and adding them to bench
                         --concurrency workers for --kill-seconds): requests sent, failed, answers by status,
                         seconds until serve.status() showed the loss and until the deployment recovered;
   listening_sockets     every TCP socket the local cluster's processes listen on, by process and address
-                        (the table of docs/serving.md).
+                        (the table of docs/serving.md);
+  resume_figures        one Ray Train worker killed once before, during and right after a checkpoint of rm train,
+                        align train --offline and the online rounds (tests/resume_drills.py): per moment, whether
+                        the kill fired and the resume finished, the checkpoint it resumed from (and whether the
+                        moment's own checkpoint was lost), the exactly-once counters against an uninterrupted
+                        run's, the quality figure against the spread of --resume-seeds uninterrupted runs, and
+                        the partitions the rounds consumed twice or lost; on a cluster of its own (--groups resume).
 Needs the test extra (hypothesis, schemathesis): the hostile requests are the test suite's (tests/hostile_requests.py).
 """
 
@@ -187,6 +194,46 @@ def listening_sockets(log: Tee) -> None:
         log(f"listening: {name:28s} {' '.join(sorted(addresses))}")
 
 
+def resume_figures(log: Tee, out: Path, seeds: int) -> None:
+    from tests import resume_drills as drills
+
+    out.mkdir(parents=True, exist_ok=True)
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=out))
+    drills.prepare_rm_store(store)
+    port = free_port()
+    online_template = Path(tempfile.mkdtemp(prefix="online-", dir=out)) / "template"
+    fresh = drills.prepare_online_store(online_template, port)
+    runs = (("rm train", drills.RM_MOMENTS, "best validation GAUC",
+             lambda folder, moment, seed: drills.rm_drill(store, folder, moment, seed)),
+            ("align train --offline", drills.OFFLINE_MOMENTS, "last loss",
+             lambda folder, moment, seed: drills.offline_drill(store, folder, moment, seed)),
+            ("online rounds", drills.ONLINE_MOMENTS, "last round's RM reward",
+             lambda folder, moment, seed: drills.online_drill(online_template, fresh, folder, port, moment, seed)))
+    started = finished = twice = lost = 0
+    for name, moments, figure, drill in runs:
+        references = [drill(Path(tempfile.mkdtemp(prefix="reference-", dir=out)) / "run", None, seed)
+                      for seed in range(seeds)]
+        values = [r.metric for r in references if r.finished]
+        spread = max(values) - min(values) if values else float("nan")
+        log(f"resume {name}: {sum(r.finished for r in references)} of {seeds} uninterrupted runs finished; "
+            f"{figure} over seeds {', '.join(f'{v:.4f}' for v in values)} (spread {spread:.4f}); "
+            f"{references[0].seconds:.0f} s each")
+        for moment in moments:
+            result = drill(Path(tempfile.mkdtemp(prefix="killed-", dir=out)) / "run", moment, 0)
+            started += result.killed
+            finished += result.killed and result.finished
+            twice, lost = twice + result.consumed_twice, lost + result.lost
+            partitions = (f"; partitions consumed {len(result.consumed)} of {len(result.expected)}, "
+                          f"{result.consumed_twice} twice, {result.lost} lost") if result.expected else ""
+            log(f"resume {name} killed at {moment}: kill {'fired' if result.killed else 'DID NOT FIRE'}, "
+                f"{'finished' if result.finished else 'NOT FINISHED ' + result.error} in {result.seconds:.0f} s, "
+                f"resumed from {result.restored_from}{' (its own checkpoint was lost)' if result.checkpoint_lost else ''}"
+                f"; counters {'equal to' if result.counts == references[0].counts else 'DIFFERENT FROM'} the "
+                f"uninterrupted run's {references[0].counts}; {figure} {result.metric:.4f} (uninterrupted "
+                f"{references[0].metric:.4f}){partitions}")
+    log(f"resume totals: {started} resumes started, {finished} finished; partitions consumed twice {twice}, lost {lost}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=200, help="examples per fuzzing strategy and app")
@@ -196,20 +243,42 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench-faults"))
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 examples, 12 s of load")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--groups", default="http,replica,resume",
+                        help="comma-separated figure groups: http (with the listening sockets), replica, resume")
+    parser.add_argument("--resume-seeds", type=int, default=3, help="uninterrupted runs per kind for the spread")
     args = parser.parse_args()
+    groups = set(args.groups.split(","))
     if args.quick:
         args.examples, args.kill_seconds = min(args.examples, 20), min(args.kill_seconds, 12.0)
+        args.resume_seeds = min(args.resume_seeds, 2)
     ray_workers_at_our_priority()
 
     import torch
 
-    from perfusion_ray.config import load_config
+    from perfusion_ray.config import ClusterConfig
     from perfusion_ray.runtime import init_ray
-    from perfusion_ray.serve import apps, design_app, reward_app
 
     torch.set_num_threads(1)
     log = Tee(args.results)
     header(log, "benchmarks.faults")
+    if groups & {"http", "replica"}:
+        serving_figures(log, args, groups)
+    if "resume" in groups:
+        ray = init_ray(ClusterConfig(num_cpus=4))  # as the tests' cluster: the rounds' ingest runs beside the workers
+        try:
+            resume_figures(log, args.out / "resume", args.resume_seeds)
+        finally:
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+
+
+def serving_figures(log: Tee, args, groups: set[str]) -> None:
+    from perfusion_ray.config import load_config
+    from perfusion_ray.runtime import init_ray
+    from perfusion_ray.serve import apps, design_app, reward_app
+
     store = Path(tempfile.mkdtemp(prefix="bench-faults-store-"))
     common = [f"serve.port={free_port()}", f"serve.app_name={REWARD}", f"serve.route_prefix=/{REWARD}",
               "policy.num_inference_steps=2"]
@@ -231,9 +300,12 @@ def main() -> None:
                                                  pipeline_dir=str(pipeline_dir(None, config, args.out))), timeout_s=300)
         log(f"apps up in {time.monotonic() - started:.0f} s: {REWARD} (2 replicas, bearer token), {DESIGN} (1 replica, "
             f"{config.policy.num_inference_steps} sampling steps); bodies up to 1 MiB")
-        http_figures(log, {"reward": f"{base}/{REWARD}", "design": f"{base}/{DESIGN}"}, args.examples, args.timeout)
-        listening_sockets(log)
-        replica_kill_figures(log, f"{base}/{REWARD}", args.concurrency, args.kill_seconds)
+        if "http" in groups:
+            http_figures(log, {"reward": f"{base}/{REWARD}", "design": f"{base}/{DESIGN}"}, args.examples,
+                         args.timeout)
+            listening_sockets(log)
+        if "replica" in groups:
+            replica_kill_figures(log, f"{base}/{REWARD}", args.concurrency, args.kill_seconds)
     finally:
         serve.shutdown()
         ray.shutdown()

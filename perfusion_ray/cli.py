@@ -11,13 +11,15 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from perfusion_ray.config import DEFAULT_CONFIG, PerfusionConfig, load_config
+from perfusion_ray.config import DEFAULT_CONFIG, PerfusionConfig, load_config, refuse_lost_outputs
 from perfusion_ray.console import quiet_libraries, say, table
 from perfusion_ray.errors import PerfusionError
+from perfusion_ray.storage import join, log_file
 
 
 def _config(args: argparse.Namespace) -> PerfusionConfig:
-    return load_config(args.config, args.set)
+    # Under `ray job submit --working-dir`, a relative output would land in the job's package and be lost.
+    return refuse_lost_outputs(load_config(args.config, args.set), {"--out": getattr(args, "out", None)})
 
 
 _table = table
@@ -137,7 +139,7 @@ def _baseline_config(config: PerfusionConfig) -> PerfusionConfig:
     """The non-personalized baseline: the same config and code path with the plug-in off."""
     baseline = config.model_copy(deep=True)
     baseline.rm.plugin = False
-    baseline.rm.out = str(Path(config.rm.out) / "no_plugin")
+    baseline.rm.out = join(config.rm.out, "no_plugin")
     return baseline
 
 
@@ -151,7 +153,7 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
         runs.append(("plug-in-off baseline", _baseline_config(config), "train", None))
     if args.judge:  # the judge trains on held-out feedback only (evaluation/judge.py)
         runs = ([] if args.judge_only else runs) + [("judge (holdout split)", config, "holdout", judge_dir(config).parent)]
-    with _logged(args, Path(config.rm.out) / "logs" / "rm-train.log"):
+    with _logged(args, log_file(config.rm.out, "rm-train.log")):
         for kind, run_config, split, out in runs:
             say(f"training {kind} on the {split} split (Ray Train + DeepSpeed)")
             report = train_reward_model(run_config, resume=args.resume, split=split, out=out)
@@ -205,7 +207,7 @@ def cmd_align_train(args: argparse.Namespace) -> int:
         raise PerfusionError("`perfusion align train` needs --offline (logged groups); the online rounds are "
                              "`perfusion align` with no action")
     config = _config(args)
-    with _logged(args, Path(config.align.out) / "logs" / "align-train.log"):
+    with _logged(args, log_file(config.align.out, "align-train.log")):
         say(f"training the policy offline ({config.align.variant}, {config.align.max_steps} steps, Ray Train + "
             f"DeepSpeed ZeRO-{config.align.zero_stage})")
         report = train_alignment(config, resume=args.resume)
@@ -227,7 +229,7 @@ def cmd_align_online(args: argparse.Namespace) -> int:
     from perfusion_ray.coordinator import run_online
 
     config = _config(args)
-    with _logged(args, Path(config.online.out) / "logs" / "align.log"):
+    with _logged(args, log_file(config.online.out, "align.log")):
         say(f"online rounds: {config.online.rounds} rounds of {config.online.requests_per_round} requests")
         report = run_online(config, resume=args.resume, rm_dir=args.rm)
     _print_rounds(report.history)
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("align", parents=[common], help="the personalized generator: online rounds (no action), "
                                                           "or train --offline / eval")
     p.add_argument("--resume", action="store_true", help="continue the rounds from the latest checkpoint of online.out")
-    p.add_argument("--rm", type=Path, help="RM directory served at the start (default serve.model_dir, else <rm.out>/model)")
+    p.add_argument("--rm", help="RM directory served at the start (default serve.model_dir, else <rm.out>/model)")
     p.set_defaults(handler=cmd_align_online)
     align = p.add_subparsers(dest="action", required=False)
     p = align.add_parser("train", parents=[common], help="the group objective under Ray Train + DeepSpeed ZeRO")
@@ -405,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", parents=[common], help="the reward model, or (--app design) the design "
                                                             "endpoint and merchant page, on Ray Serve (127.0.0.1)")
     p.add_argument("--app", choices=("reward", "design"), default="reward", help="which application (default reward)")
-    p.add_argument("--model", type=Path, help="RM directory (default serve.model_dir, else <rm.out>/model); with "
+    p.add_argument("--model", help="RM directory or URI (default serve.model_dir, else <rm.out>/model); with "
                                               "--app design, the PerFusionPipeline directory (default "
                                               "design.pipeline_dir, else <align.out>/pipeline)")
     p.add_argument("--detach", action="store_true", help="deploy or roll out to RAY_ADDRESS's cluster and return")

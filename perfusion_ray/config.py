@@ -109,8 +109,18 @@ class DataConfig(Section):
     image_size: int | None = Field(32, ge=1, description="required side of square images; None accepts any size")
     label_policy: LabelPolicy = LabelPolicy()
     max_clock_skew_s: float = Field(300.0, ge=0, description="event times later than now + skew are quarantined")
-    batch_rows: int = Field(65536, ge=1, description="rows per Ray Data batch in validation")
-    shuffle_blocks: int = Field(8, ge=1, description="hash partitions when grouping events by request")
+    earliest_event_time: dt.datetime = Field(
+        dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc),
+        description="event times before this are quarantined as implausible (a zero or default timestamp)")
+    batch_rows: int = Field(65536, ge=1, description="rows validated at a time within one partition file")
+    late_window_hours: int = Field(1, ge=0, description="feedback up to this many event hours after its request's "
+                                                        "impressions joins their group; later feedback is quarantined "
+                                                        "as late (kept, counted in rows_late)")
+    duplicate_window_hours: int = Field(720, ge=1, description="the ids an ingest run grouped are kept this many "
+                                                               "hours after its commit, and a later run refuses "
+                                                               "copies of them; then they are deleted")
+    shuffle_blocks: int = Field(8, ge=1, description="not read: ingest groups within event-hour segments, without "
+                                                     "a shuffle; accepted so that configs which set it still load")
 
 
 # ---------------------------------------------------------------- models and training
@@ -139,6 +149,11 @@ class RMConfig(DistributedTraining):
     plugin_input: Literal["projected", "pooled"] = Field(
         "pooled", description="what the plug-ins cross with the merchant: the tower's projected feature, or its "
                               "pooled output before CLIP's linear projection (the projection drops detail)")
+    image_head_channels: int = Field(
+        0, ge=0, description="channels of a small trainable convolutional image encoder read beside the image "
+                             "tower, whose features the image plug-in crosses with the merchant (it learns what the "
+                             "tower's vocabulary has no word for, e.g. a continuous hue or brightness); 0: none")
+    image_head_dim: int = Field(32, ge=1, description="features the image head adds to the image plug-in's input")
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="after the warm-up: constant, or cosine "
                                                                             "decay to zero over rm.epochs")
@@ -439,22 +454,59 @@ class PerfusionConfig(Section):
         return self
 
     def with_absolute_paths(self) -> "PerfusionConfig":
-        """A copy whose local paths (world.taste_family, data.root, rm.out, align.out, online.out) are absolute,
-        for Ray workers and actors, which run in another working directory than the driver."""
+        """A copy whose local output paths (data.root, rm.out, align.out, online.out, design.store_root) and
+        world.taste_family are absolute, for Ray workers and actors, which run in another working directory
+        than the driver. URIs (s3://...) stay as they are."""
+        from perfusion_ray.storage import absolute
+
         copy = self.model_copy(deep=True)
         if copy.world is not None:
             copy.world.taste_family = self.resolve_input(self.world.taste_family)
-        if "://" not in copy.data.root:
-            copy.data.root = str(Path(copy.data.root).absolute())
-        for section in (copy.rm, copy.align, copy.online):
-            section.out = str(Path(section.out).absolute())
+        for name, value in self.output_paths().items():
+            section, field = name.split(".")
+            setattr(getattr(copy, section), field, absolute(value))
         return copy
+
+    def output_paths(self) -> dict[str, str]:
+        """The folders this config writes to, by field name (design.store_root only when set)."""
+        paths = {"data.root": self.data.root, "rm.out": self.rm.out, "align.out": self.align.out,
+                 "online.out": self.online.out}
+        if self.design.store_root:
+            paths["design.store_root"] = self.design.store_root
+        return paths
 
     def resolve_input(self, path: Path) -> Path:
         """An input path named in the config, resolved against the config file's folder."""
         if path.is_absolute() or self.source is None:
             return path
         return (Path(self.source).parent / path).resolve()
+
+
+def lost_outputs(outputs: dict[str, object], job_runtime_env: dict | None) -> list[str]:
+    """The relative output paths that a `ray job submit` with a working_dir would lose: such a job runs inside
+    its unpacked working_dir package, which Ray deletes with the session, so anything written below it goes
+    with it. Empty outside a submitted job, without a working_dir, or when every path is absolute or a URI."""
+    if not (job_runtime_env or {}).get("working_dir"):
+        return []
+    return [name for name, value in outputs.items()
+            if value is not None and "://" not in str(value) and not Path(str(value)).expanduser().is_absolute()]
+
+
+def refuse_lost_outputs(config: PerfusionConfig, extra: dict[str, object] | None = None) -> PerfusionConfig:
+    """The config, unless it runs as a submitted job that would write a relative output folder into its
+    working_dir package (lost with the session): then one line naming the paths. `extra` names other output
+    paths of a command (e.g. --out)."""
+    from perfusion_ray.runtime import job_runtime_env
+
+    outputs = {**config.output_paths(), **(extra or {})}
+    lost = lost_outputs(outputs, job_runtime_env())
+    if lost:
+        named = ", ".join(f"{name}={outputs[name]}" for name in lost)
+        raise PerfusionError(f"relative output path(s) under `ray job submit --working-dir`: {named} would be written "
+                             f"inside the job's unpacked package and lost when the job ends",
+                             hint="give an absolute path on storage every node keeps (a shared file system) or a "
+                                  "URI such as s3://bucket/prefix, e.g. --set rm.out=s3://bucket/runs/rm")
+    return config
 
 
 def save_config(config: PerfusionConfig, path: str | Path) -> Path:

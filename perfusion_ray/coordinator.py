@@ -25,7 +25,6 @@ partition consumed once.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from perfusion_ray.rounds.planner import RoundPlanner
 from perfusion_ray.rounds.probe import PROBE_SEED, Probe, build_probe
 from perfusion_ray.rounds.rollouts import EndpointRollouts
 from perfusion_ray.rounds.state import RoundState
+from perfusion_ray.storage import join
 from perfusion_ray.train.worker_group import WorkerGroup, WorkerGroupRestarted
 
 CHANNEL_NAME = "perfusion-round-channel"
@@ -114,7 +114,7 @@ class RoundController:
         final = r + 1 >= online.rounds or bool(stopped)
         if online.publish_every and (r + 1) % online.publish_every == 0 and not final:
             clock = time.perf_counter()
-            target = str(Path(online.out) / "policy" / f"round-{r:04d}")
+            target = join(online.out, "policy", f"round-{r:04d}")
             metrics["policy_version"] = self.rollouts.publish_policy(self.group.call("export_policy", target)) or ""
             metrics["publish_seconds"] = _lap(clock)
         metrics["round_seconds"] = sum(value for name, value in metrics.items() if name.endswith("_seconds")
@@ -151,7 +151,7 @@ def _lap(started: float) -> float:
 # ---------------------------------------------------------------- driver
 @dataclass
 class OnlineReport:
-    pipeline_dir: Path
+    pipeline_dir: Path | str  # a local folder, or the URI it was published to
     rounds: int
     resumed_from_round: int
     consumed_partitions: list[str]
@@ -162,11 +162,12 @@ class OnlineReport:
     stopped: str = ""  # why the rounds ended early, if they did
 
 
-def _initial_rm(config: PerfusionConfig, rm_dir: str | Path | None) -> Path:
+def _initial_rm(config: PerfusionConfig, rm_dir: str | Path | None) -> str:
     from perfusion_ray.serve.reward_app import default_model_dir
+    from perfusion_ray.storage import absolute, is_file
 
-    path = Path(rm_dir or default_model_dir(config)).absolute()
-    if not (path / "config.json").is_file():
+    path = absolute(rm_dir or default_model_dir(config))
+    if not is_file(join(path, "config.json")):
         raise PerfusionError(f"no reward model at {path}", hint="train one with `perfusion rm train` first")
     return path
 
@@ -176,14 +177,14 @@ def export_initial_policy(config: PerfusionConfig, folder: str | Path) -> Path:
     e.g. for the design endpoint to serve before the first round publishes."""
     import tempfile
 
-    from perfusion_ray.storage import replace_directory
+    from perfusion_ray.storage import absolute, path_or_uri, publish_directory
     from perfusion_ray.train.align_offline import export_pipeline, policy_merchants
 
-    folder = Path(folder).absolute()
+    folder = absolute(folder)
     with tempfile.TemporaryDirectory() as staging:
         export_pipeline(config, policy_merchants(config), None, Path(staging) / "pipeline")
-        replace_directory(Path(staging) / "pipeline", folder)
-    return folder
+        publish_directory(Path(staging) / "pipeline", folder)
+    return path_or_uri(folder)
 
 
 def start_reward_endpoint(config: PerfusionConfig, rm_dir: str | Path) -> None:
@@ -198,19 +199,18 @@ def start_reward_endpoint(config: PerfusionConfig, rm_dir: str | Path) -> None:
         deploy(application_entry(config, config.source, model_dir=rm_dir))
 
 
-def _baseline_runs(config: PerfusionConfig, out: Path) -> list[str]:
+def _baseline_runs(config: PerfusionConfig, out: str) -> list[str]:
     """The ingest runs committed before the first round: logged feedback, not fresh (the RM already saw them).
     Recorded when the run starts, so a resume that finds no round checkpoint (a crash during the first round)
     does not take the crashed run's own ingests for baseline."""
     from perfusion_ray.data.store import StoreLayout
-    from perfusion_ray.storage import atomic_write_json, read_json
+    from perfusion_ray.storage import load_json, write_json
 
-    path = out / "baseline_runs.json"
-    recorded = read_json(path)
+    path = join(out, "baseline_runs.json")
+    recorded = load_json(path)
     if recorded is None:
         recorded = StoreLayout(config.data.root, "train").committed_runs()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, recorded)
+        write_json(path, recorded)
     return list(recorded)
 
 
@@ -235,7 +235,7 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     and export the final policy to <online.out>/pipeline."""
     import ray
 
-    from perfusion_ray.storage import replace_directory
+    from perfusion_ray.storage import delete_tree, path_or_uri, publish_directory
     from perfusion_ray.train.align_offline import policy_merchants
     from perfusion_ray.train.distributed import torch_trainer
     from perfusion_ray.train.round_worker import RoundLoopConfig, RoundWorker, round_loop_per_worker
@@ -244,9 +244,9 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     started = time.perf_counter()
     config = config.with_absolute_paths()
     online = config.online
-    out = Path(online.out).absolute()
+    out = online.out  # absolute or a URI (with_absolute_paths)
     if not resume:
-        shutil.rmtree(out, ignore_errors=True)
+        delete_tree(out)
     rm_path = _initial_rm(config, rm_dir)
     environment = build_environment(config)
     start_reward_endpoint(config, rm_path)
@@ -255,7 +255,7 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
     initial = RoundState(baseline_runs=_baseline_runs(config, out), rm_dir=str(rm_path))
     loop = RoundLoopConfig(config.model_dump(mode="json"), policy_merchants(config), CHANNEL_NAME, initial)
     fit = _Fit(torch_trainer(round_loop_per_worker, {"loop": loop}, config.align, config.cluster, RUN_NAME,
-                             out / "ray_results", {}))
+                             join(out, "ray_results"), {}))
     fit.start()
     group = WorkerGroup(RoundWorker, channel, workers, fit, lambda: fit.error)
     rollouts = EndpointRollouts(config)
@@ -279,6 +279,6 @@ def run_online(config: PerfusionConfig, resume: bool = False, rm_dir: str | Path
         exported = Path(folder) / "pipeline"
         if not exported.is_dir():
             raise PerfusionError(f"the last checkpoint {fit.result.checkpoint.path} has no exported pipeline")
-        replace_directory(exported, out / "pipeline")
-    return OnlineReport(out / "pipeline", state.round, resumed_from, state.consumed_partitions, state.history,
+        publish_directory(exported, join(out, "pipeline"))
+    return OnlineReport(path_or_uri(join(out, "pipeline")), state.round, resumed_from, state.consumed_partitions, state.history,
                         state.rm_version, time.perf_counter() - started, state.best_probe_round, state.stopped)

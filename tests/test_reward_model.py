@@ -86,7 +86,8 @@ def test_export_round_trips_and_is_self_contained(model, tmp_path):
     args = (_merchants(3, ids=["m0", "m1", "m9"]), ["a dress", "a coat", ""], _images(3))
     assert np.allclose(model.score(*args), loaded.score(*args), atol=1e-6)
     assert loaded.merchant_encoder.known_ids == {"m0", "m1"}
-    assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == [
+        "config.json", "model.safetensors", "modeling_perfusion_rm.py", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_broken_checkpoints_are_named(model, tmp_path):

@@ -1,6 +1,7 @@
 """Group-level checks and assembly of validated events into group examples (pure; numpy + pyarrow).
 
-Input: validated rows of whole requests (all events of a request are in the same table). Output:
+Input: validated rows of whole requests (all events of a request are in the same table), with the
+reasons of row-level checks and of the run's duplicate and window checks already set. Output:
 group examples, and every row that did not make it into one, with its reason. Nothing is dropped:
 rows in == rows quarantined + rows that became part of a group.
 """
@@ -23,7 +24,11 @@ from perfusion_ray.data.validation import row_json_texts
 class Assembled:
     groups: pa.Table  # GROUP_EXAMPLE_SCHEMA
     quarantine: pa.Table  # QUARANTINE_SCHEMA
-    rows_grouped: int  # validated rows that went into a group
+    grouped: pa.Table  # event_id and event_time of the validated rows that went into a group
+
+    @property
+    def rows_grouped(self) -> int:
+        return self.grouped.num_rows
 
 
 def quarantine_rows(table: pa.Table, reasons: pa.Array | list[str]) -> pa.Table:
@@ -49,32 +54,32 @@ def _codes(column) -> tuple[np.ndarray, pa.Array]:
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary
 
 
+def _impossible_position_requests(validated: pa.Table, group_size: int) -> pa.Array:
+    """Request ids with an impression at a position outside 0..K-1 (or none): a group of another size, which
+    must not be cut down to K."""
+    impressions = pc.fill_null(pc.equal(validated["event_type"], "impression"), False)
+    position = validated["position"]
+    outside = pc.fill_null(pc.or_(pc.less(position, 0), pc.greater_equal(position, group_size)), True)
+    flagged = validated["request_id"].filter(pc.and_(impressions, outside))
+    return pc.unique(flagged.drop_null())
+
+
 def assemble_groups(validated: pa.Table, group_size: int, policy: LabelPolicy, source: str) -> Assembled:
     empty_groups = GROUP_EXAMPLE_SCHEMA.empty_table()
     row_bad = np.asarray(validated["reason"].is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     pieces = [quarantine_rows(validated.filter(pa.array(row_bad)), validated["reason"].filter(pa.array(row_bad)))]
+    impossible = _impossible_position_requests(validated, group_size)
     good = validated.filter(pa.array(~row_bad))
     if good.num_rows == 0:
-        return Assembled(empty_groups, pa.concat_tables(pieces), 0)
-
-    # Duplicated event ids: keep the earliest occurrence.
-    times = good["event_time"].cast(pa.int64()).to_numpy(zero_copy_only=False)
-    event_codes, _ = _codes(good["event_id"])
-    order = np.lexsort((np.arange(good.num_rows), times, event_codes))
-    first = np.zeros(good.num_rows, dtype=bool)
-    first[order[np.r_[True, event_codes[order][1:] != event_codes[order][:-1]]]] = True
-    if not first.all():
-        duplicates = good.filter(pa.array(~first))
-        pieces.append(quarantine_rows(duplicates, ["duplicate event_id"] * duplicates.num_rows))
-        good = good.filter(pa.array(first))
-        times = times[first]
+        return Assembled(empty_groups, pa.concat_tables(pieces), good.select(["event_id", "event_time"]))
 
     k = group_size
+    times = good["event_time"].cast(pa.int64()).to_numpy(zero_copy_only=False)
     request, request_names = _codes(good["request_id"])
     merchant, _ = _codes(good["merchant_id"])
     image, _ = _codes(good["image_ref"])
+    types = pc.index_in(good["event_type"], value_set=pa.array(EVENT_TYPES)).to_numpy(zero_copy_only=False)
     type_index = {name: i for i, name in enumerate(EVENT_TYPES)}
-    types = np.array([type_index[t] for t in good["event_type"].to_pylist()], dtype=np.int64)
     position = good["position"].to_numpy(zero_copy_only=False).astype(np.int64)
     num_requests = len(request_names)
     slot = request * k + position
@@ -95,6 +100,8 @@ def assemble_groups(validated: pa.Table, group_size: int, policy: LabelPolicy, s
         request_reason[r] = f"group of the wrong size: {int(per_request[r])} impressions, expected {k}"
     for r in np.flatnonzero((merchant_low != merchant_high) & (request_reason == None)):  # noqa: E711
         request_reason[r] = "merchant_id differs within request"
+    for r in np.flatnonzero(np.asarray(pc.is_in(request_names, value_set=impossible).to_numpy(zero_copy_only=False))):
+        request_reason[r] = f"request has impressions outside positions 0..{k - 1}"
 
     # Feedback on a position must name the image that was served there.
     served = np.full(num_requests * k, -1)
@@ -102,6 +109,10 @@ def assemble_groups(validated: pa.Table, group_size: int, policy: LabelPolicy, s
     row_reason = np.array(request_reason[request], dtype=object)
     mismatched = (row_reason == None) & (served[slot] != image)  # noqa: E711
     row_reason[mismatched] = "image_ref differs from the impression at this position"
+    served_time = np.full(num_requests * k, np.iinfo(np.int64).min)
+    served_time[slot[impression]] = times[impression]
+    before = (row_reason == None) & ~impression & (times < served_time[slot])  # noqa: E711
+    row_reason[before] = "event_time before the impression at this position"
 
     rejected = row_reason != None  # noqa: E711
     if rejected.any():
@@ -132,4 +143,4 @@ def assemble_groups(validated: pa.Table, group_size: int, policy: LabelPolicy, s
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.reshape(-1), pa.float32())),
         "source": pa.array([source] * len(heads), pa.string()),
     }, schema=GROUP_EXAMPLE_SCHEMA).sort_by("request_id")
-    return Assembled(groups, pa.concat_tables(pieces), int(kept.sum()))
+    return Assembled(groups, pa.concat_tables(pieces), good.filter(pa.array(kept)).select(["event_id", "event_time"]))

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow.fs as pafs
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from perfusion_ray.storage import atomic_write_bytes, resolve_filesystem
 
@@ -62,21 +62,29 @@ class ImageStore:
             return np.asarray(image.convert("RGB"))
 
 
+# Beyond this many pixels an image is refused from its header, before any decoding (a PNG whose header
+# claims a huge size would otherwise allocate it).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 @lru_cache(maxsize=200_000)
 def image_problem(store_root: str, ref: str, digest: str, size: int | None) -> str | None:
     """Why the image behind (ref, digest) is unusable, or None. Cached per process: images are immutable."""
     store = ImageStore(store_root)
     try:
         data = store.read_bytes(ref)
-    except (FileNotFoundError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         return f"unreadable image: {ref}: {exc.__class__.__name__}"
     if sha256_hex(data) != digest:
         return f"unreadable image: {ref}: content does not match image_sha256"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if size is not None and (width, height) != (size, size):
+                return f"unreadable image: {ref}: size {width}x{height}, expected {size}x{size}"
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"unreadable image: {ref}: size {width}x{height}, above {MAX_IMAGE_PIXELS} pixels"
             image.load()
-            if size is not None and image.size != (size, size):
-                return f"unreadable image: {ref}: size {image.size[0]}x{image.size[1]}, expected {size}x{size}"
-    except (UnidentifiedImageError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise OSError, ValueError, SyntaxError, EOFError...
         return f"unreadable image: {ref}: not a decodable image ({exc.__class__.__name__})"
     return None

@@ -29,9 +29,11 @@ FEEDBACK_EVENT_SCHEMA = pa.schema([
     pa.field("value", pa.float64()),  # e.g. order amount; 1.0 when the event has no magnitude
 ])
 
-# Validated events: typed time, plus the two columns validation adds.
+# Validated events: typed time, the position as read (a request-level check needs impossible ones), plus
+# the two columns validation adds.
 VALIDATED_EVENT_SCHEMA = (
     FEEDBACK_EVENT_SCHEMA.set(1, pa.field("event_time", pa.timestamp("us", tz="UTC")))
+    .set(9, pa.field("position", pa.int64()))  # null when missing or beyond int64
     .append(pa.field("reason", pa.string()))  # null when the row passed, else why it is quarantined
     .append(pa.field("row_json", pa.string()))  # the row as read, kept for quarantined rows
     .append(pa.field("path", pa.string()))  # source partition file
@@ -58,15 +60,33 @@ QUARANTINE_SCHEMA = pa.schema([
     pa.field("row_json", pa.string()),  # the whole row as read; null for a whole-file quarantine
 ])
 
-# Types each feedback column may arrive in and still be read (cast to the schema's type).
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_floating(kind) or pa.types.is_integer(kind)
+
+
+def _text_map(kind: pa.DataType) -> bool:
+    return pa.types.is_map(kind) and _is_text(kind.key_type) and _is_text(kind.item_type)
+
+
+def _number_map(kind: pa.DataType) -> bool:
+    return pa.types.is_map(kind) and _is_text(kind.key_type) and _is_number(kind.item_type)
+
+
+# Types each feedback column may arrive in and still be read (validation converts them to the schema's
+# type row by row, so a value that does not convert is one quarantined row). A column of null type is
+# read as all-missing: every row then carries the reason for its missing value.
 COMPATIBLE_TYPES = {
-    "event_time": (pa.types.is_string, pa.types.is_large_string, pa.types.is_timestamp),
-    "position": (pa.types.is_integer,),
-    "value": (pa.types.is_floating, pa.types.is_integer),
-    "merchant_features": (pa.types.is_map, pa.types.is_null),
-    "merchant_stats": (pa.types.is_map, pa.types.is_null),
+    "event_time": lambda kind: _is_text(kind) or pa.types.is_timestamp(kind),
+    "position": pa.types.is_integer,
+    "value": _is_number,
+    "merchant_features": _text_map,
+    "merchant_stats": _number_map,
 }
-_STRINGY = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
 
 
 def schema_problem(schema: pa.Schema) -> str | None:
@@ -74,9 +94,12 @@ def schema_problem(schema: pa.Schema) -> str | None:
     missing = [name for name in FEEDBACK_EVENT_SCHEMA.names if name not in schema.names]
     if missing:
         return f"schema: missing column(s) {', '.join(missing)}"
+    repeated = [name for name in FEEDBACK_EVENT_SCHEMA.names if schema.names.count(name) > 1]
+    if repeated:
+        return f"schema: column(s) {', '.join(repeated)} appear more than once"
     for field in FEEDBACK_EVENT_SCHEMA:
         actual = schema.field(field.name).type
-        checks = COMPATIBLE_TYPES.get(field.name, _STRINGY)
-        if not any(check(actual) for check in checks):
+        compatible = COMPATIBLE_TYPES.get(field.name, _is_text)
+        if not (pa.types.is_null(actual) or compatible(actual)):
             return f"schema: column {field.name} has type {actual}, expected {field.type}"
     return None

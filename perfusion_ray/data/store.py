@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from perfusion_ray.storage import atomic_write_table, is_temporary, resolve_filesystem
+from perfusion_ray.storage import atomic_write_table, is_temporary, is_uri, join, resolve_filesystem
 
 SPLITS = ("train", "holdout")
 
@@ -48,7 +48,7 @@ class StoreLayout:
 
     @property
     def images_uri(self) -> str:
-        return self.root.rstrip("/") + "/images" if "://" in self.root else self.images
+        return join(self.root, "images") if is_uri(self.root) else self.images
 
     @property
     def feedback(self) -> str:

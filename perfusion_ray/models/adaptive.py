@@ -8,14 +8,24 @@ choice open.) The copy carries LoRA adapters (peft) on its attention projections
 convolutions, conditioning embedding and the merchant modules train in full; the base UNet is frozen.
 
 Two objects: `PersonalizedAdapter` is everything trainable (a diffusers ModelMixin, saved and loaded on
-its own: config.json + safetensors, LoRA included); `PersonalizedUNet` joins it to the frozen base UNet.
-The reference model is the same network with the branch switched off (`branch=False`): no second copy
-in memory. At initialisation the zero joins make the personalized output equal the base output exactly.
+its own); `PersonalizedUNet` joins it to the frozen base UNet. The reference model is the same network
+with the branch switched off (`branch=False`): no second copy in memory. At initialisation the zero
+joins make the personalized output equal the base output exactly.
+
+A saved adapter is a folder of standard parts, each readable on its own:
+    config.json                  the adapter's own settings (merchant encoder, known ids, LoRA rank)
+    controlnet/                  the branch's ControlNetModel without its LoRA (ControlNetModel.from_pretrained)
+    lora/                        the branch's LoRA as a peft adapter (adapter_config.json, adapter_model.safetensors)
+    merchant.safetensors         the merchant encoder and its projection to the conditioning map
+The folder itself holds no diffusers weights file, so a diffusers class pointed at it fails instead of
+building a default model. These classes travel with every exported pipeline (models/interop.py): what
+they use must be carried with them (models/portable_source.py checks it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +41,50 @@ from perfusion_ray.records import Merchant
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # The branch's parts that train in full next to its LoRA matrices (names inside ControlNetModel).
 FULLY_TRAINED = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
-ADAPTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+ADAPTER_CONFIG, MODEL_WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"  # diffusers' file names
+CONTROLNET_FOLDER, LORA_FOLDER, MERCHANT_WEIGHTS = "controlnet", "lora", "merchant.safetensors"
+LORA_WEIGHTS = "adapter_model.safetensors"  # peft's file name
+PEFT_PREFIX = "base_model.model."  # peft saves names as seen from the PeftModel that wraps the model
+
+
+def split_adapter_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """An adapter's state dict as its saved parts: (ControlNetModel names, peft LoRA names, merchant names)."""
+    controlnet, lora, merchant = {}, {}, {}
+    for name, tensor in state.items():
+        inner = name.removeprefix("controlnet.")
+        if inner == name:
+            merchant[name] = tensor
+        elif ".lora_" in inner:
+            lora[PEFT_PREFIX + re.sub(r"\.(lora_[AB])\.default\.", r".\1.", inner)] = tensor
+        else:
+            controlnet[inner.replace(".base_layer.", ".")] = tensor
+    return controlnet, lora, merchant
+
+
+def join_adapter_state(controlnet: dict, lora: dict, merchant: dict) -> dict[str, torch.Tensor]:
+    """The inverse of split_adapter_state: the state dict of an adapter with its LoRA attached."""
+    wrapped = {name.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for name in lora}  # the layers LoRA wraps
+    state = dict(merchant)
+    for name, tensor in controlnet.items():
+        layer, _, leaf = name.rpartition(".")
+        state["controlnet." + (f"{layer}.base_layer.{leaf}" if layer in wrapped else name)] = tensor
+    for name, tensor in lora.items():
+        state["controlnet." + re.sub(r"\.(lora_[AB])\.", r".\1.default.", name.removeprefix(PEFT_PREFIX))] = tensor
+    return state
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path.with_name(path.name + ".tmp")), metadata={"format": "pt"})
+    path.with_name(path.name + ".tmp").replace(path)
+
+
+def _save_json(value: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".tmp").write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    path.with_name(path.name + ".tmp").replace(path)
 
 
 class PersonalizedAdapter(ModelMixin, ConfigMixin):
@@ -106,34 +159,57 @@ class PersonalizedAdapter(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | Path, state_dict: dict | None = None, **_) -> None:
-        """config.json + safetensors, LoRA matrices included (diffusers' own save would drop the peft
-        layers' meaning on reload: docs/stack-notes.md). `state_dict` lets ZeRO-3 callers pass gathered weights."""
-        from safetensors.torch import save_file
+        """The folder of standard parts (module docstring). `state_dict` lets ZeRO-3 callers pass gathered
+        weights. diffusers' own save would keep the peft layers' names but not their meaning on reload."""
+        import diffusers
 
         folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
-        save_file(tensors, str(folder / (ADAPTER_WEIGHTS + ".tmp")), metadata={"format": "pt"})
-        (folder / (ADAPTER_WEIGHTS + ".tmp")).replace(folder / ADAPTER_WEIGHTS)
-        self.save_config(str(folder))
+        controlnet, lora, merchant = split_adapter_state(
+            {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()})
+        version = {"_diffusers_version": diffusers.__version__}
+        _save_json({"_class_name": "ControlNetModel", **version, **{key: value for key, value in
+                    self.config.controlnet_config.items() if not key.startswith("_")}},
+                   folder / CONTROLNET_FOLDER / ADAPTER_CONFIG)
+        _save_tensors(controlnet, folder / CONTROLNET_FOLDER / MODEL_WEIGHTS)
+        if lora:
+            self.controlnet.peft_config["default"].save_pretrained(str(folder / LORA_FOLDER))
+            _save_tensors(lora, folder / LORA_FOLDER / LORA_WEIGHTS)
+        _save_tensors(merchant, folder / MERCHANT_WEIGHTS)
+        _save_json({"_class_name": type(self).__name__, **version, **{key: value for key, value in self.config.items()
+                    if key != "controlnet_config" and not key.startswith("_")}}, folder / ADAPTER_CONFIG)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, torch_dtype: torch.dtype | None = None,
                         **_) -> "PersonalizedAdapter":
+        """Load a saved adapter; one saved as a single diffusers weights file (the layout of earlier
+        exports, config.json with its controlnet_config) loads too."""
         from safetensors.torch import load_file
 
         folder = Path(pretrained_model_name_or_path)
-        for name in (cls.config_name, ADAPTER_WEIGHTS):
-            if not (folder / name).is_file():
-                raise PerfusionError(f"adapter directory {folder} is missing {name}",
-                                     hint="export one with `perfusion align train` or PerFusionPipeline.save_pretrained")
-        config = json.loads((folder / cls.config_name).read_text())
+        config = json.loads((folder / ADAPTER_CONFIG).read_text()) if (folder / ADAPTER_CONFIG).is_file() else {}
+        single_file = (folder / MODEL_WEIGHTS).is_file() and "controlnet_config" in config
+        needed = [ADAPTER_CONFIG] + ([MODEL_WEIGHTS] if single_file else [
+            f"{CONTROLNET_FOLDER}/{ADAPTER_CONFIG}", f"{CONTROLNET_FOLDER}/{MODEL_WEIGHTS}", MERCHANT_WEIGHTS]
+            + ([f"{LORA_FOLDER}/{LORA_WEIGHTS}"] if config.get("lora", True) else []))
+        missing = [name for name in needed if not (folder / name).is_file()]
+        if missing:
+            raise PerfusionError(f"adapter directory {folder} is missing {missing[0]}",
+                                 hint="export one with `perfusion align train` or PerFusionPipeline.save_pretrained")
         init = {key: value for key, value in config.items() if not key.startswith("_")}
+        if single_file:
+            state = load_file(str(folder / MODEL_WEIGHTS))
+        else:
+            controlnet_config = json.loads((folder / CONTROLNET_FOLDER / ADAPTER_CONFIG).read_text())
+            init["controlnet_config"] = {key: value for key, value in controlnet_config.items()
+                                         if not key.startswith("_")}
+            lora = load_file(str(folder / LORA_FOLDER / LORA_WEIGHTS)) if init.get("lora", True) else {}
+            state = join_adapter_state(load_file(str(folder / CONTROLNET_FOLDER / MODEL_WEIGHTS)), lora,
+                                       load_file(str(folder / MERCHANT_WEIGHTS)))
         adapter = cls(**init)
-        missing, unexpected = adapter.load_state_dict(load_file(str(folder / ADAPTER_WEIGHTS)), strict=False)
+        missing, unexpected = adapter.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise PerfusionError(f"{folder / ADAPTER_WEIGHTS} does not match its config: "
+            raise PerfusionError(f"the weights in {folder} do not match its config: "
                                  f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         if torch_dtype is not None:
             adapter.to(torch_dtype)

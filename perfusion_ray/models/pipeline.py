@@ -11,13 +11,18 @@ Sampling is DDIM with classifier-free guidance; by default the branch conditions
 text-conditioned half, so guidance amplifies the merchant's shift as it does the prompt's
 (`personalize_unconditional=True` conditions both halves instead).
 save_pretrained / from_pretrained round-trip the whole pipeline (adapter/ holds the branch with its
-LoRA matrices; models/adaptive.py).
+LoRA matrices; models/adaptive.py). An export also carries the code that loads it with diffusers alone,
+perfusion_ray not installed (models/interop.py, docs/interop.md):
+
+    pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +30,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-# model_index.json names the modules of our components (PersonalizedAdapter, TinyAutoencoder) and diffusers
-# loads only from modules already imported: importing them here makes from_pretrained work in any process.
-from perfusion_ray.models import autoencoder as _autoencoder  # noqa: F401
 from perfusion_ray.models.adaptive import PersonalizedAdapter, PersonalizedUNet
+from perfusion_ray.models.autoencoder import TinyAutoencoder
 from perfusion_ray.models.base import BaseDiffusion, conditioned_call, fit_tokenizer
 from perfusion_ray.records import Merchant
 
@@ -44,21 +47,49 @@ class PerFusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->adapter->unet->vae"
     _optional_components = ["adapter", "text_encoder_2", "tokenizer_2"]  # the last two: an SDXL base
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter: PersonalizedAdapter | None = None,
-                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = False):
+    # `adapter` (a PersonalizedAdapter, or None) has no annotation: diffusers checks annotated components'
+    # types, and the code an export carries defines the adapter class once per module.
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, text_encoder_2=None,
+                 tokenizer_2=None, force_zeros_for_empty_prompt: bool = False):
         super().__init__()
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)  # saved in model_index.json
-        if text_encoder_2 is not None:
-            tokenizer_2 = fit_tokenizer(tokenizer_2, text_encoder_2)
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=fit_tokenizer(tokenizer, text_encoder),
-                              unet=unet, scheduler=scheduler, adapter=adapter, text_encoder_2=text_encoder_2,
-                              tokenizer_2=tokenizer_2)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              adapter=adapter, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
     @classmethod
     def from_base(cls, base: BaseDiffusion, adapter: PersonalizedAdapter | None = None) -> "PerFusionPipeline":
-        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, base.scheduler, adapter,
-                   text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+        """The pipeline over a base model's components; tokenizers pad to at most their encoder's positions
+        (a saved pipeline keeps that length)."""
+        tokenizer_2 = fit_tokenizer(base.tokenizer_2, base.text_encoder_2) if base.is_sdxl else None
+        return cls(base.vae, base.text_encoder, fit_tokenizer(base.tokenizer, base.text_encoder), base.unet,
+                   base.scheduler, adapter, text_encoder_2=base.text_encoder_2, tokenizer_2=tokenizer_2,
                    force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt)
+
+    # ------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """DiffusionPipeline.save_pretrained, plus the code that loads the export with diffusers alone."""
+        from perfusion_ray.models.interop import write_pipeline_code
+
+        super().save_pretrained(str(save_directory), **kwargs)
+        write_pipeline_code(Path(save_directory))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "PerFusionPipeline":
+        """DiffusionPipeline.from_pretrained with the export's own components (the adapter, the embedded
+        autoencoder) read by this package's classes: the code the export carries is not run here, and
+        needs no trust_remote_code."""
+        folder = Path(pretrained_model_name_or_path)
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        dtype = kwargs.get("torch_dtype", kwargs.get("dtype"))
+        own = {name: component.from_pretrained(str(folder / name), torch_dtype=dtype)
+               for name, component in (("adapter", PersonalizedAdapter), ("vae", TinyAutoencoder))
+               if name not in kwargs and (index.get(name) or [None, None])[1] == component.__name__}
+        # diffusers checks a passed component against the module model_index.json names (the carried code,
+        # which it would not import): it gets None for ours, and they are registered once it is done.
+        pipeline = super().from_pretrained(str(folder), **kwargs, **dict.fromkeys(own))
+        pipeline.register_modules(**own)
+        return pipeline
 
     @property
     def base(self) -> BaseDiffusion:

@@ -24,6 +24,7 @@ from transformers import CLIPConfig, CLIPModel
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.models.clip_towers import pixel_values, text_inputs
 from perfusion_ray.models.crossing import PersonalizedPlugin
+from perfusion_ray.models.image_head import ImageHead
 from perfusion_ray.models.merchant_encoder import MerchantEncoder
 from perfusion_ray.models.tokenizer import clip_tokenizer
 from perfusion_ray.records import Merchant
@@ -44,6 +45,8 @@ class RewardModelConfig(BaseModel):
     plugin: bool = True
     cross_layers: int = Field(2, ge=1)
     plugin_input: Literal["projected", "pooled"] = "projected"  # what the plug-ins cross with the merchant
+    image_head_channels: int = Field(0, ge=0)  # a trainable pixel encoder beside the image tower; 0: none
+    image_head_dim: int = Field(32, ge=1)
     merchant_dim: int = Field(64, ge=4)
     id_buckets: int = Field(4096, ge=1)
     feature_buckets: int = Field(1024, ge=1)
@@ -66,8 +69,11 @@ class PerFusionRM(nn.Module):
         pooled = config.plugin_input == "pooled"
         self.text_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers,
                                               clip.config.text_config.hidden_size if pooled else None)
-        self.image_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers,
-                                               clip.config.vision_config.hidden_size if pooled else None)
+        self.image_head = ImageHead(config.image_head_channels, config.image_head_dim) \
+            if config.image_head_channels else None
+        image_source = (clip.config.vision_config.hidden_size if pooled else width) + \
+            (config.image_head_dim if self.image_head is not None else 0)
+        self.image_plugin = PersonalizedPlugin(width, config.merchant_dim, config.cross_layers, image_source)
         # 1-element, not 0-dim: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1))
         self.logit_scale = nn.Parameter(clip.logit_scale.detach().clone())
@@ -102,7 +108,10 @@ class PerFusionRM(nn.Module):
             vector = torch.zeros_like(vector)
         pooled = self.config.plugin_input == "pooled"
         text = self.text_plugin(text, vector, text_pooled if pooled else None)
-        image = self.image_plugin(image, vector, image_pooled if pooled else None)
+        image_source = image_pooled if pooled else image
+        if self.image_head is not None:
+            image_source = torch.cat([image_source, self.image_head(pixel_values)], dim=-1)
+        image = self.image_plugin(image, vector, image_source)
         cosine = nn.functional.cosine_similarity(text, image, dim=-1)
         return self.logit_scale.exp() * cosine
 
@@ -142,6 +151,9 @@ def save_reward_model(model: PerFusionRM, folder: str | Path, state_dict: dict |
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"model_type": MODEL_TYPE, "version": config.version})
     (folder / CONFIG_FILE).write_text(config.model_dump_json(indent=2))
+    from perfusion_ray.models.interop import write_reward_model_code
+
+    write_reward_model_code(folder, model.tokenizer)  # loadable by transformers' AutoModel too
     return folder
 
 
@@ -153,6 +165,7 @@ def load_reward_model(folder: str | Path) -> PerFusionRM:
             raise PerfusionError(f"reward model directory {folder} is missing {name}",
                                  hint="export one with `perfusion rm train` (it writes <out>/model)")
     raw = json.loads((folder / CONFIG_FILE).read_text())
+    raw.pop("auto_map", None)  # for transformers' AutoModel (models/interop.py)
     if raw.get("model_type") != MODEL_TYPE:
         raise PerfusionError(f"{folder / CONFIG_FILE} was written by another model (model_type="
                              f"{raw.get('model_type')!r}, expected {MODEL_TYPE!r})")

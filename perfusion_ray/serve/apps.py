@@ -20,7 +20,7 @@ from typing import Protocol
 
 from perfusion_ray.config import PerfusionConfig, ServeConfig, load_config
 from perfusion_ray.errors import PerfusionError
-from perfusion_ray.serve.model_store import resolve_path
+from perfusion_ray.serve.model_store import model_location, resolve_path
 from perfusion_ray.serve.security import ALL_INTERFACES, check_bind, resolve_token
 
 
@@ -241,7 +241,7 @@ class AppKind:
     hint: str
 
     def user_config(self, folder: str | Path, **extra) -> dict:
-        return {self.folder_key: str(resolve_path(folder)), **extra}
+        return {self.folder_key: model_location(folder), **extra}
 
     def entry(self, config: PerfusionConfig, config_path: str | Path | None = None,
               overrides: list[str] | None = None, **user_config) -> dict:
@@ -255,6 +255,6 @@ class AppKind:
     def rollout(self, folder: str | Path, app_name: str | None = None, timeout_s: float = 180.0, **extra) -> str:
         """Roll a new directory out to the running app by changing only its user_config; replicas reconfigure in
         place and keep answering. Returns the new version once every replica serves it."""
-        folder = resolve_path(folder)
+        folder = model_location(folder)
         return rollout_user_config(app_name or self.default_app, self.deployment_name,
                                    self.user_config(folder, **extra), self.version_of(folder), timeout_s, self.hint)

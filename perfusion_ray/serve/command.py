@@ -20,7 +20,8 @@ from pathlib import Path
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.serve.apps import AppKind, checked_token
-from perfusion_ray.serve.model_store import CONFIG_FILE, WEIGHTS_FILE, model_version, pipeline_version, resolve_path
+from perfusion_ray.serve.model_store import (CONFIG_FILE, WEIGHTS_FILE, local_model_dir, model_location, model_version,
+                                             pipeline_version)
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,28 @@ class ServedApp:
     endpoint: str  # for the bind refusal: "the reward endpoint"
     app_name: str
     route_prefix: str
-    folder: Path
+    folder: str  # a resolved local path or a URI
     version: str
     kind: AppKind
     routes: str
 
 
-def _reward(config: PerfusionConfig, given: Path | None) -> ServedApp:
+def _local(folder: str) -> Path:
+    """The local folder of a model directory (a URI: its cached copy, refused in one line when nothing complete
+    was published there)."""
+    try:
+        return local_model_dir(folder)
+    except FileNotFoundError as exc:
+        raise PerfusionError(str(exc), hint="publish one there with `perfusion rm train` / `perfusion align`, or "
+                                            "pass another --model") from None
+
+
+def _reward(config: PerfusionConfig, given: str | Path | None) -> ServedApp:
     from perfusion_ray.serve import reward_app
 
-    folder = resolve_path(given or reward_app.default_model_dir(config))
+    folder = model_location(given or reward_app.default_model_dir(config))
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
+        if not (_local(folder) / name).is_file():
             raise PerfusionError(f"reward model directory {folder} is missing {name}",
                                  hint="train one with `perfusion rm train` (writes <rm.out>/model) or pass --model")
     return ServedApp("reward model", "the reward endpoint", config.serve.app_name, config.serve.route_prefix, folder,
@@ -50,11 +61,11 @@ def _reward(config: PerfusionConfig, given: Path | None) -> ServedApp:
                      "POST {url}/v1/score   GET {url}/v1/version   GET {url}/healthz")
 
 
-def _design(config: PerfusionConfig, given: Path | None) -> ServedApp:
+def _design(config: PerfusionConfig, given: str | Path | None) -> ServedApp:
     from perfusion_ray.serve import design_app
 
-    folder = resolve_path(given or design_app.default_pipeline_dir(config))
-    if not (folder / "model_index.json").is_file():
+    folder = model_location(given or design_app.default_pipeline_dir(config))
+    if not (_local(folder) / "model_index.json").is_file():
         raise PerfusionError(f"{folder} is not a PerFusionPipeline directory (no model_index.json)",
                              hint="export one with `perfusion align train --offline` or `perfusion align` "
                                   "(writes <out>/pipeline), or pass --model")

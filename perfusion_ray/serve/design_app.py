@@ -10,11 +10,10 @@ in place: `rollout(pipeline_dir)` does exactly that (apps.py, shared with the re
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.serve.apps import AppKind, bind_application, checked_token, config_from_args
 from perfusion_ray.serve.model_store import pipeline_version, resolve_path
+from perfusion_ray.storage import join
 
 IMPORT_PATH = "perfusion_ray.serve.design_app:build_app"
 DEPLOYMENT_NAME = "DesignModel"  # = design_deployment.DEPLOYMENT_NAME, without importing ray here
@@ -22,7 +21,7 @@ PAGE_MERCHANTS = 12
 
 
 def default_pipeline_dir(config: PerfusionConfig) -> str:
-    return config.design.pipeline_dir or str(Path(config.align.out) / "pipeline")
+    return config.design.pipeline_dir or join(config.align.out, "pipeline")
 
 
 def store_root(config: PerfusionConfig) -> str:

@@ -37,7 +37,7 @@ from perfusion_ray.serve.design_limits import RateLimiter
 from perfusion_ray.serve.design_schemas import DesignRequest, FeedbackEvent, FeedbackRequest
 from perfusion_ray.serve.batching import served_outcomes, unwrap
 from perfusion_ray.serve.http import authorize, health_response, read_request, refusal_response, serving_host
-from perfusion_ray.serve.model_store import Served, VersionedReplica, pipeline_version, resolve_path
+from perfusion_ray.serve.model_store import Served, VersionedReplica, local_model_dir, model_location, pipeline_version
 from perfusion_ray.serve.placement import PlacedReplica, ReplicaPlacement, replica_placement
 from perfusion_ray.records import Merchant
 from perfusion_ray.serve.openapi import REFUSALS, Refusal, ingress_api, request_body
@@ -100,7 +100,7 @@ def load_served_pipeline(folder: str, placement: ReplicaPlacement | None = None)
     from perfusion_ray.models.pipeline import PerFusionPipeline
 
     torch.set_num_threads(1)
-    folder = resolve_path(folder)
+    location, folder = model_location(folder), local_model_dir(folder)
     dtype = placement.torch_dtype if placement else torch.float32
     pipeline = PerFusionPipeline.from_pretrained(str(folder), dtype=dtype)
     if dtype == torch.float16 and getattr(pipeline.vae.config, "force_upcast", False):
@@ -110,7 +110,7 @@ def load_served_pipeline(folder: str, placement: ReplicaPlacement | None = None)
     pipeline.set_progress_bar_config(disable=True)
     pipeline(["warm-up"], merchant=[{"merchant_id": "warm-up"}], num_inference_steps=1, output_type="np",
              generator=torch.Generator().manual_seed(0))
-    return Served(pipeline, pipeline_version(folder), str(folder), pipeline.base.image_size)
+    return Served(pipeline, pipeline_version(location), location, pipeline.base.image_size)
 
 
 def generate(served: Served, jobs: list[_Job], settings: DesignSettings) -> list[np.ndarray]:

@@ -1,5 +1,8 @@
 """An RM directory loaded for serving, with the version string every score carries.
 
+A directory is named by a local path or a URI (s3://...); a URI is copied to a local cache first
+(storage.local_directory: a verified copy per published version), because the loaders need local files.
+
 The version is `<config version>@<first 12 hex of the weights' sha256>`: the exported config's version
 alone is not enough, because two exports may carry the same name (today every trained RM says
 "untrained"), and a rollout must be visible in the responses.
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perfusion_ray.config import REPO_ROOT
+from perfusion_ray.storage import MANIFEST, is_uri, local_directory
 
 logger = logging.getLogger("ray.serve")
 
@@ -30,6 +34,16 @@ def resolve_path(path: str | Path) -> Path:
     return (REPO_ROOT / path).resolve() if (REPO_ROOT / path).exists() else path.resolve()
 
 
+def model_location(path: str | Path) -> str:
+    """How a model directory is named to replicas on any node: a URI as it is, a local path resolved."""
+    return str(path) if is_uri(path) else str(resolve_path(path))
+
+
+def local_model_dir(path: str | Path) -> Path:
+    """A local folder holding the model directory at `path` (a URI: its cached copy)."""
+    return local_directory(path) if is_uri(path) else resolve_path(path)
+
+
 def files_digest(files: list[Path]) -> str:
     """First 12 hex of the sha256 over the files' bytes, in the order given."""
     digest = hashlib.sha256()
@@ -41,7 +55,7 @@ def files_digest(files: list[Path]) -> str:
 
 
 def model_version(folder: str | Path) -> str:
-    folder = Path(folder)
+    folder = local_model_dir(folder)
     name = json.loads((folder / CONFIG_FILE).read_text()).get("version") or "unnamed"
     return f"{name}@{files_digest([folder / WEIGHTS_FILE])}"
 
@@ -74,7 +88,7 @@ def load_served_model(folder: str | Path, placement=None) -> ServedModel:
     from perfusion_ray.records import Merchant
 
     torch.set_num_threads(1)
-    folder = resolve_path(folder)
+    location, folder = model_location(folder), local_model_dir(folder)
     model = load_reward_model(folder)
     if placement is not None:
         model = model.to(device=placement.device, dtype=placement.torch_dtype)
@@ -82,17 +96,18 @@ def load_served_model(folder: str | Path, placement=None) -> ServedModel:
     size = model.image_size
     # The first CPU forward pays a one-off warm-up of a few seconds: pay it before traffic arrives.
     model.score([Merchant()], [""], np.zeros((1, size, size, 3), np.uint8))
-    return ServedModel(model, version, str(folder), size)
+    return ServedModel(model, version, location, size)
 
 
 def pipeline_version(folder: str | Path) -> str:
     """`<folder name>@<digest of every file below it>`: a PerFusionPipeline directory's version (any change to a
     weight, config or tokenizer file is a new version)."""
-    folder = Path(folder)
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    name = Path(model_location(folder).partition("?")[0]).name  # a URI's cached copy has another name
+    folder = local_model_dir(folder)
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST)
     if not files:
         raise FileNotFoundError(f"{folder} holds no files: not a pipeline directory")
-    return f"{folder.name}@{files_digest(files)}"
+    return f"{name}@{files_digest(files)}"
 
 
 BATCH_KEYS = ("max_batch_size", "batch_wait_timeout_s")

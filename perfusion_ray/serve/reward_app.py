@@ -22,13 +22,14 @@ from perfusion_ray.serve.apps import (AppKind, _apply, _client, _status, bind_ap
                                       config_from_args, deploy, deployment_options, live_declarative_apps, serve_config, start_serve,
                                       wait_running)
 from perfusion_ray.serve.model_store import model_version
+from perfusion_ray.storage import join
 
 IMPORT_PATH = "perfusion_ray.serve.reward_app:build_app"
 DEPLOYMENT_NAME = "RewardModel"  # = deployment.DEPLOYMENT_NAME, without importing ray here
 
 
 def default_model_dir(config: PerfusionConfig) -> str:
-    return config.serve.model_dir or str(Path(config.rm.out) / "model")
+    return config.serve.model_dir or join(config.rm.out, "model")
 
 
 def limits(config: PerfusionConfig) -> dict:

@@ -14,7 +14,6 @@ and its LoRA as safetensors), which the driver copies to <align.out>/pipeline.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +153,7 @@ def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_f
 
 @dataclass
 class AlignTrainReport:
-    pipeline_dir: Path
+    pipeline_dir: Path | str  # a local folder, or the URI it was published to
     steps: int
     resumed_from_step: int
     seconds: float
@@ -169,16 +168,16 @@ def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrain
     import ray
 
     from perfusion_ray.runtime import init_ray
-    from perfusion_ray.storage import replace_directory
+    from perfusion_ray.storage import absolute, delete_tree, join, path_or_uri, publish_directory
 
     started = time.perf_counter()
     layout, files = committed_group_files(config.data.root, "train")
     align = config.align
     known = policy_merchants(config)
-    out = Path(align.out).absolute()
-    storage = out / "ray_results"
+    out = absolute(align.out)
+    storage = join(out, "ray_results")
     if not resume:
-        shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
+        delete_tree(join(storage, RUN_NAME))
     init_ray(config.cluster)
     # Decoded once before the workers start, not again in every pass over the data.
     dataset = ray.data.read_parquet(files, filesystem=layout.filesystem).map_batches(
@@ -192,9 +191,9 @@ def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrain
         exported = Path(folder) / "pipeline"
         if not exported.is_dir():
             raise PerfusionError(f"the last checkpoint {result.checkpoint.path} has no exported pipeline")
-        replace_directory(exported, out / "pipeline")
+        publish_directory(exported, join(out, "pipeline"))
     metrics = result.metrics
-    return AlignTrainReport(out / "pipeline", int(metrics["step"]), int(metrics["resumed_from_step"]),
+    return AlignTrainReport(path_or_uri(join(out, "pipeline")), int(metrics["step"]), int(metrics["resumed_from_step"]),
                             time.perf_counter() - started, float(metrics["train_seconds"]),
                             int(metrics["groups_trained"]), float(metrics["denoiser_passes_per_group"]),
                             float(metrics["loss"]))

@@ -21,25 +21,31 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: ClusterConfig, name: str,
-                  storage: Path, datasets: dict, checkpoint_config=None):
+                  storage: str | Path, datasets: dict, checkpoint_config=None):
     """A TorchTrainer for `run` (workers, GPU or CPU share, gloo or NCCL), restarting once on a worker
-    failure from the latest checkpoint, with this package's worker environment. The checkpoints a resume
-    would load are checked first: a file that asks to run code is refused here, in one line."""
+    failure from the latest checkpoint, with this package's worker environment. `storage` (a local path or
+    a URI) holds the checkpoints; every worker writes its part there, so on several nodes it must be a
+    folder all of them reach (an object store or a shared file system). The local checkpoints a resume
+    would load are checked first: a file that asks to run code is refused here, in one line (on an object
+    store the workers' weights_only loading is the check)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from perfusion_ray.faults import fault_env
     from perfusion_ray.runtime import worker_env_vars
+    from perfusion_ray.storage import ray_storage
     from perfusion_ray.train.checkpoint_engine import check_deepspeed_checkpoints
 
-    check_deepspeed_checkpoints(storage / name)
+    storage_path, storage_filesystem = ray_storage(storage)
+    if storage_filesystem is None:
+        check_deepspeed_checkpoints(Path(storage_path) / name)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                      resources_per_worker=None if run.use_gpu else {"CPU": cluster.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=checkpoint_config or CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=1),
                              worker_runtime_env={"env_vars": {**worker_env_vars(), **fault_env()}}),

@@ -11,7 +11,6 @@ latest checkpoint; the best exported model is copied to <out>/model.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +49,27 @@ def reward_model_config(config: PerfusionConfig, stat_names: list[str], known_id
     rm = config.rm
     return RewardModelConfig(towers=rm.towers, lora_rank=rm.lora_rank, plugin=rm.plugin, cross_layers=rm.cross_layers,
                              plugin_input=rm.plugin_input, merchant_dim=rm.merchant_dim, id_dropout=rm.id_dropout,
+                             image_head_channels=rm.image_head_channels, image_head_dim=rm.image_head_dim,
                              stat_names=stat_names, known_ids=known_ids)
 
 
-def export_untrained(config: PerfusionConfig, folder: str | Path) -> Path:
-    """An untrained PerFusionRM for the merchants of the committed train groups, exported to `folder`
-    (a served model for runs that measure the loop rather than the reward: tests, benchmarks)."""
+def export_untrained(config: PerfusionConfig, folder: str | Path) -> Path | str:
+    """An untrained PerFusionRM for the merchants of the committed train groups, exported to `folder` (a
+    local path or a URI; a served model for runs that measure the loop rather than the reward: tests,
+    benchmarks)."""
+    import tempfile
+
+    from perfusion_ray.storage import is_uri, publish_directory
+
     layout, files = committed_group_files(config.data.root, "train")
     merchants, stat_names, _ = distinct_merchants(layout, files)
     model_config = reward_model_config(config, stat_names, sorted(m.id for m in merchants))
-    return save_reward_model(PerFusionRM(load_clip(config.rm.clip), model_config), folder)
+    model = PerFusionRM(load_clip(config.rm.clip), model_config)
+    if not is_uri(folder):
+        return save_reward_model(model, folder)
+    with tempfile.TemporaryDirectory() as staging:
+        publish_directory(save_reward_model(model, Path(staging) / "model"), folder)
+    return str(folder)
 
 
 def batch_scores(model: PerFusionRM, engine, batch: GroupBatch) -> torch.Tensor:
@@ -202,7 +212,7 @@ def best_export(result) -> tuple:
 
 @dataclass
 class RMTrainReport:
-    model_dir: Path
+    model_dir: Path | str  # a local folder, or the URI it was published to
     best_val_gauc: float
     epochs: int  # epochs completed in total
     resumed_from_epoch: int  # epochs that were already done when this run started
@@ -217,7 +227,7 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str
     import ray
 
     from perfusion_ray.runtime import init_ray
-    from perfusion_ray.storage import replace_directory
+    from perfusion_ray.storage import absolute, delete_tree, join, path_or_uri, publish_directory
 
     started = time.perf_counter()
     layout, files = committed_group_files(config.data.root, split)
@@ -226,10 +236,10 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str
         layout, files, keep=lambda request_id: not is_validation(request_id, rm.validation_fraction))
     model_config = reward_model_config(config, stat_names, sorted(m.id for m in merchants))
     model_config.version = "trained" if split == "train" else f"judge-{split}"
-    out = Path(out or rm.out).absolute()
-    storage = out / "ray_results"
+    out = absolute(out or rm.out)
+    storage = join(out, "ray_results")
     if not resume:
-        shutil.rmtree(storage / RUN_NAME, ignore_errors=True)
+        delete_tree(join(storage, RUN_NAME))
     init_ray(config.cluster)
     read = ray.data.read_parquet(files, filesystem=layout.filesystem)
     # Decoded once, before the workers start: streamed lazily, every epoch would re-read the parquet files
@@ -249,10 +259,10 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str
     if result.error:
         raise result.error
     best, best_metrics = best_export(result)
-    target = out / "model"
+    target = join(out, "model")
     with best.as_directory() as folder:
-        replace_directory(Path(folder) / "model", target)
-    load_reward_model(target)  # the export must load on its own, or the run is not done
-    return RMTrainReport(target, float(best_metrics["best_val_gauc"]), int(result.metrics["epoch"]),
+        load_reward_model(Path(folder) / "model")  # the export must load on its own, or the run is not done
+        publish_directory(Path(folder) / "model", target)
+    return RMTrainReport(path_or_uri(target), float(best_metrics["best_val_gauc"]), int(result.metrics["epoch"]),
                          int(result.metrics["resumed_from_epoch"]), time.perf_counter() - started,
                          result.metrics["groups_trained"] / max(result.metrics["train_seconds"], 1e-9))

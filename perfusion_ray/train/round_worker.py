@@ -232,7 +232,8 @@ class RoundWorker:
         """Warm-start the RM from `rm_dir`, train it on these groups under DeepSpeed, export a new version to
         <online.out>/rm/round-NNNN (rank 0). None when there are too few groups for one step on every rank."""
         from perfusion_ray.models.reward_model import load_reward_model, save_reward_model
-        from perfusion_ray.storage import replace_directory
+        from perfusion_ray.serve.model_store import local_model_dir
+        from perfusion_ray.storage import join, publish_directory
         from perfusion_ray.train.reward_model import ranking_loss
 
         rm, online = self.config.rm, self.config.online
@@ -240,7 +241,7 @@ class RoundWorker:
         steps = 0 if groups is None else len(groups) // (self.world_size * rm.batch_groups)
         if steps == 0:
             return None
-        model = load_reward_model(rm_dir)
+        model = load_reward_model(local_model_dir(rm_dir))  # a URI: its cached copy on this node
         model.train()
         strategy = DeepSpeedStrategy(zero_stage=rm.zero_stage, lr=online.rm_refresh_lr, micro_batch=rm.batch_groups,
                                      bf16=rm.bf16, weight_decay=rm.weight_decay)
@@ -253,14 +254,14 @@ class RoundWorker:
             for rows in mine:
                 strategy.step(engine, ranking_loss(model, engine, groups.take(rows), rm.loss, generator))
         state = strategy.full_state_dict(engine)  # collective under ZeRO-3
-        target = Path(online.out).absolute() / "rm" / f"round-{round_index:04d}"
+        target = join(online.out, "rm", f"round-{round_index:04d}")  # online.out is absolute or a URI
         if self.rank == 0:
             model.config.version = f"refreshed-round{round_index:04d}"
             with tempfile.TemporaryDirectory() as folder:
                 save_reward_model(model, Path(folder) / "model", state_dict=state)
-                replace_directory(Path(folder) / "model", target)
+                publish_directory(Path(folder) / "model", target)
         _barrier()
-        return str(target)
+        return target
 
     # ------------------------------------------------------------ export and checkpoint
     @dispatch(Dispatch.BROADCAST)
@@ -274,13 +275,14 @@ class RoundWorker:
 
     @dispatch(Dispatch.BROADCAST)
     def export_policy(self, target: str) -> str:
-        """Rank 0 writes the averaged policy as a PerFusionPipeline to `target` (replaced atomically)."""
-        from perfusion_ray.storage import replace_directory
+        """Rank 0 writes the averaged policy as a PerFusionPipeline to `target` (a local path or a URI, published
+        so that no reader sees half of it)."""
+        from perfusion_ray.storage import publish_directory
 
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 export_pipeline(self.config, self.known, self.average, Path(folder) / "pipeline")
-                replace_directory(Path(folder) / "pipeline", target)
+                publish_directory(Path(folder) / "pipeline", target)
         _barrier()
         return target
 
