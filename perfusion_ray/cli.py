@@ -17,9 +17,15 @@ from perfusion_ray.errors import PerfusionError
 from perfusion_ray.storage import join, log_file
 
 
-def _config(args: argparse.Namespace) -> PerfusionConfig:
-    # Under `ray job submit --working-dir`, a relative output would land in the job's package and be lost.
-    return refuse_lost_outputs(load_config(args.config, args.set), {"--out": getattr(args, "out", None)})
+def _config(args: argparse.Namespace, *writes: str) -> PerfusionConfig:
+    """The command's config. `writes` names the config's output fields this command writes: under `ray job
+    submit --working-dir` a relative one would land in the job's package and be lost, so it is refused."""
+    config = load_config(args.config, args.set)
+    outputs = {name: path for name, path in config.output_paths().items() if name in writes}
+    for flag in ("out", "metrics"):
+        if getattr(args, flag, None) is not None:
+            outputs[f"--{flag}"] = getattr(args, flag)
+    return refuse_lost_outputs(outputs, config)
 
 
 _table = table
@@ -57,7 +63,7 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 def cmd_world_simulate(args: argparse.Namespace) -> int:
     from perfusion_ray.environment import simulate
 
-    config = _config(args)
+    config = _config(args, "data.root")
     for split in _splits(args.split):
         report = simulate(config, split)
         say(f"simulated {split}: {report.requests} requests, {report.events} events in "
@@ -82,7 +88,7 @@ def _print_ingest(report) -> None:
 def cmd_data_ingest(args: argparse.Namespace) -> int:
     from perfusion_ray.data.ingest import ingest
 
-    config = _config(args)
+    config = _config(args, "data.root")
     for split in _splits(args.split):
         _print_ingest(ingest(config, split, engine=args.engine))
     return 0
@@ -117,7 +123,7 @@ def cmd_data_adapt(args: argparse.Namespace) -> int:
     from perfusion_ray.data.adapters import adapt_file
     from perfusion_ray.data.store import StoreLayout
 
-    config = _config(args)
+    config = _config(args, "data.root")
     report = adapt_file(args.kind, args.input, args.out, StoreLayout(config.data.root).images_uri, ties=args.ties)
     say(f"{args.kind}: {report.rows_read} rows read = {report.groups_written} groups + {report.ties_dropped} "
           f"ties dropped + {report.rows_rejected} rejected ({report.ties} ties); written to {args.out}")
@@ -147,7 +153,7 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
     from perfusion_ray.evaluation.judge import judge_dir
     from perfusion_ray.train.reward_model import train_reward_model
 
-    config = _config(args)
+    config = _config(args, "rm.out")
     runs = [("PerFusionRM", config, "train", None)]
     if args.with_baseline:
         runs.append(("plug-in-off baseline", _baseline_config(config), "train", None))
@@ -168,7 +174,7 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
     from perfusion_ray.models.reward_model import load_reward_model
     from perfusion_ray.storage import atomic_write_json
 
-    config = _config(args)
+    config = _config(args, "rm.out")
     model_dir = args.model or Path(config.rm.out) / "model"
     load_reward_model(model_dir)  # a missing or broken model is one line, before anything is loaded
     baseline = args.baseline or Path(_baseline_config(config).rm.out) / "model"
@@ -206,7 +212,7 @@ def cmd_align_train(args: argparse.Namespace) -> int:
     if not args.offline:
         raise PerfusionError("`perfusion align train` needs --offline (logged groups); the online rounds are "
                              "`perfusion align` with no action")
-    config = _config(args)
+    config = _config(args, "align.out")
     with _logged(args, log_file(config.align.out, "align-train.log")):
         say(f"training the policy offline ({config.align.variant}, {config.align.max_steps} steps, Ray Train + "
             f"DeepSpeed ZeRO-{config.align.zero_stage})")
@@ -228,7 +234,7 @@ def _print_rounds(history: list[dict]) -> None:
 def cmd_align_online(args: argparse.Namespace) -> int:
     from perfusion_ray.coordinator import run_online
 
-    config = _config(args)
+    config = _config(args, "online.out")
     with _logged(args, log_file(config.online.out, "align.log")):
         say(f"online rounds: {config.online.rounds} rounds of {config.online.requests_per_round} requests")
         report = run_online(config, resume=args.resume, rm_dir=args.rm)
@@ -267,7 +273,7 @@ ALIGNMENT_HEADER = ("judged by: held-out requests", "utility base", "utility ali
 def cmd_align_eval(args: argparse.Namespace) -> int:
     from perfusion_ray.evaluation.alignment import evaluate_alignment
 
-    config = _config(args)
+    config = _config(args, "align.out")
     pipeline_dir = args.pipeline or Path(config.align.out) / "pipeline"
     out = args.out or Path(config.align.out) / "eval"
     metrics = evaluate_alignment(config, pipeline_dir, out, judge_dir=args.judge).metrics
@@ -288,7 +294,7 @@ def cmd_align_eval(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from perfusion_ray.serve.command import run
 
-    return run(args, _config(args))
+    return run(args, _config(args, "design.store_root"))
 
 
 # ---------------------------------------------------------------- demo
@@ -297,7 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from perfusion_ray.demo import run_demo
 
     with _logged(args, args.out / "logs" / "demo.log"):
-        metrics = run_demo(_config(args), quick=args.quick, out=args.out, through_endpoints=args.through_endpoints)
+        metrics = run_demo(_config(args, "data.root", "rm.out", "align.out", "online.out"), quick=args.quick, out=args.out, through_endpoints=args.through_endpoints)
     from perfusion_ray.evaluation.alignment import win_rate_text
 
     rows = [(split, f"{metrics[f'rm.gauc.{split}']:.3f}", f"{metrics[f'rm.gauc.oracle' + ('' if split == 'seen' else '.cold')]:.3f}",

@@ -492,13 +492,12 @@ def lost_outputs(outputs: dict[str, object], job_runtime_env: dict | None) -> li
             if value is not None and "://" not in str(value) and not Path(str(value)).expanduser().is_absolute()]
 
 
-def refuse_lost_outputs(config: PerfusionConfig, extra: dict[str, object] | None = None) -> PerfusionConfig:
-    """The config, unless it runs as a submitted job that would write a relative output folder into its
-    working_dir package (lost with the session): then one line naming the paths. `extra` names other output
-    paths of a command (e.g. --out)."""
+def refuse_lost_outputs(outputs: dict[str, object], config: PerfusionConfig) -> PerfusionConfig:
+    """The config, unless it runs as a submitted job that would write one of `outputs` (the paths a command
+    writes, by field or flag name) as a relative folder into its working_dir package (lost with the
+    session): then one line naming the paths."""
     from perfusion_ray.runtime import job_runtime_env
 
-    outputs = {**config.output_paths(), **(extra or {})}
     lost = lost_outputs(outputs, job_runtime_env())
     if lost:
         named = ", ".join(f"{name}={outputs[name]}" for name in lost)

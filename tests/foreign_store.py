@@ -288,7 +288,9 @@ def write_split(root: str, split: str, merchants: Merchants, catalogue: Catalogu
                     rows["position"].append(int(position))
                     rows["event_type"].append(event_type)
                     rows["value"].append(stats["basket_eur"] if event_type == "order" else 1.0)
-                    times.append(start_us + (delay_s + int(rng.integers(0, 240))) * 1_000_000)
+                    # Every impression at the request's start, feedback after it (never before its impression).
+                    jitter_s = int(rng.integers(0, 240)) if delay_s else 0
+                    times.append(start_us + (delay_s + jitter_s) * 1_000_000)
             truth.append(Group(int(m), items, u, is_positive(graded_labels(counts, policy), policy)))
             requests += 1
         rows["event_id"] = _event_ids(rows["request_id"], rows["position"], rows["event_type"])

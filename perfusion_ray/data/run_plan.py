@@ -220,6 +220,8 @@ def _refused(readable: list[FileSummary], earlier_ids: pa.Array, read_ids: ReadI
                                 or [np.zeros(0, np.int32)])
     rows = np.concatenate([s.valid_rows for s in readable] or [np.zeros(0, np.int32)])
     hashes = np.concatenate([s.id_hashes for s in readable] or [np.zeros(0, np.uint64)])
+    if not len(hashes):
+        return {}
     order = np.argsort(hashes, kind="stable")
     same = hashes[order][1:] == hashes[order][:-1]
     repeated = np.zeros(len(hashes), dtype=bool)
