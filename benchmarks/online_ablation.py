@@ -33,7 +33,7 @@ LABELS = {"pl": "ranking", "dgpo": "scores", "pairwise": "top_m", "sft": "top_m"
 def prepare(config: PerfusionConfig, work: Path) -> tuple[Path, Path]:
     """The shared starting point: the store before the rounds, and the trained RM (the judge beside it)."""
     from perfusion_ray.demo import ingest_both_splits, simulate_before_the_loop
-    from perfusion_ray.evaluation.judge import judge_dir
+    from perfusion_ray.evaluation.judge import judge_out
     from perfusion_ray.train.reward_model import train_reward_model
     from perfusion_ray.world.simulator import build_world
 
@@ -43,7 +43,7 @@ def prepare(config: PerfusionConfig, work: Path) -> tuple[Path, Path]:
     simulate_before_the_loop(config, build_world(config))
     ingest_both_splits(config)
     rm = train_reward_model(config).model_dir
-    train_reward_model(config, split="holdout", out=judge_dir(config).parent)
+    train_reward_model(config, split="holdout", out=judge_out(config))
     marker.write_text(json.dumps({"store": config.data.root, "rm": str(rm)}))
     return Path(config.data.root), rm
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from perfusion_ray.config import DEFAULT_CONFIG, PerfusionConfig, load_config, refuse_lost_outputs
 from perfusion_ray.console import quiet_libraries, say, table
 from perfusion_ray.errors import PerfusionError
-from perfusion_ray.storage import join, log_file
+from perfusion_ray.storage import exists, join, local_directory, log_file, path_or_uri, write_json
 
 
 def _config(args: argparse.Namespace, *writes: str) -> PerfusionConfig:
@@ -150,7 +150,7 @@ def _baseline_config(config: PerfusionConfig) -> PerfusionConfig:
 
 
 def cmd_rm_train(args: argparse.Namespace) -> int:
-    from perfusion_ray.evaluation.judge import judge_dir
+    from perfusion_ray.evaluation.judge import judge_out
     from perfusion_ray.train.reward_model import train_reward_model
 
     config = _config(args, "rm.out")
@@ -158,7 +158,7 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
     if args.with_baseline:
         runs.append(("plug-in-off baseline", _baseline_config(config), "train", None))
     if args.judge:  # the judge trains on held-out feedback only (evaluation/judge.py)
-        runs = ([] if args.judge_only else runs) + [("judge (holdout split)", config, "holdout", judge_dir(config).parent)]
+        runs = ([] if args.judge_only else runs) + [("judge (holdout split)", config, "holdout", judge_out(config))]
     with _logged(args, log_file(config.rm.out, "rm-train.log")):
         for kind, run_config, split, out in runs:
             say(f"training {kind} on the {split} split (Ray Train + DeepSpeed)")
@@ -168,17 +168,24 @@ def cmd_rm_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_copy(folder: str | Path) -> Path:
+    """A model folder as a local path (a URI: its verified cached copy), or one line when nothing is there."""
+    try:
+        return local_directory(folder)
+    except FileNotFoundError as exc:
+        raise PerfusionError(str(exc), hint="export one first (`perfusion rm train`, `perfusion align`)") from None
+
+
 def cmd_rm_eval(args: argparse.Namespace) -> int:
     from perfusion_ray.environment import build_environment
     from perfusion_ray.evaluation.reward_model import evaluate_reward_models
     from perfusion_ray.models.reward_model import load_reward_model
-    from perfusion_ray.storage import atomic_write_json
 
     config = _config(args, "rm.out")
-    model_dir = args.model or Path(config.rm.out) / "model"
+    model_dir = _local_copy(args.model or join(config.rm.out, "model"))
     load_reward_model(model_dir)  # a missing or broken model is one line, before anything is loaded
-    baseline = args.baseline or Path(_baseline_config(config).rm.out) / "model"
-    evaluation = evaluate_reward_models(config, model_dir, baseline if baseline.is_dir() else None,
+    baseline = args.baseline or join(_baseline_config(config).rm.out, "model")
+    evaluation = evaluate_reward_models(config, model_dir, _local_copy(baseline) if exists(baseline) else None,
                                         build_environment(config).oracle)
     rows = []
     for scorer, subsets in evaluation.table.items():
@@ -199,8 +206,8 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
         say(f"PerFusionRM / side-feature oracle (E[taste | observable features], perfect attributes): seen "
               f"{rm['seen']['gauc'] / side['seen']['gauc']:.1%}, cold {rm['cold']['gauc'] / side['cold']['gauc']:.1%}")
     metrics = evaluation.flat_metrics()
-    out = args.metrics or Path(config.rm.out) / "metrics.json"
-    atomic_write_json(out, metrics)
+    out = args.metrics or join(config.rm.out, "metrics.json")
+    write_json(out, metrics)
     say(f"metrics: {out}")
     return 0
 
@@ -274,8 +281,8 @@ def cmd_align_eval(args: argparse.Namespace) -> int:
     from perfusion_ray.evaluation.alignment import evaluate_alignment
 
     config = _config(args, "align.out")
-    pipeline_dir = args.pipeline or Path(config.align.out) / "pipeline"
-    out = args.out or Path(config.align.out) / "eval"
+    pipeline_dir = args.pipeline or join(config.align.out, "pipeline")
+    out = args.out or join(config.align.out, "eval")
     metrics = evaluate_alignment(config, pipeline_dir, out, judge_dir=args.judge).metrics
     say(_table(alignment_rows(metrics), ALIGNMENT_HEADER))
     if "align.agreement.rank_correlation" in metrics:
@@ -286,7 +293,7 @@ def cmd_align_eval(args: argparse.Namespace) -> int:
                 for name in sorted(metrics) if name.startswith("align.fidelity.") and name + ".base" in metrics]
     if fidelity:
         say("fidelity: " + "; ".join(fidelity))
-    say(f"metrics: {out / 'metrics.json'}; base vs aligned grid: {out / 'grid.png'}")
+    say(f"metrics: {join(out, 'metrics.json')}; base vs aligned grid: {join(out, 'grid.png')}")
     return 0
 
 
@@ -389,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-only", action="store_true", help="with --judge: train the judge and nothing else")
     p.set_defaults(handler=cmd_rm_train)
     p = rm.add_parser("eval", parents=[common], help="GAUC/MAP/AUC/logloss against baselines and the oracle")
-    p.add_argument("--model", type=Path, help="exported RM directory (default <rm.out>/model)")
-    p.add_argument("--baseline", type=Path, help="plug-in-off RM directory (default <rm.out>/no_plugin/model)")
-    p.add_argument("--metrics", type=Path, help="where to write metrics.json (default <rm.out>/metrics.json)")
+    p.add_argument("--model", type=path_or_uri, help="exported RM directory (default <rm.out>/model)")
+    p.add_argument("--baseline", type=path_or_uri, help="plug-in-off RM directory (default <rm.out>/no_plugin/model)")
+    p.add_argument("--metrics", type=path_or_uri, help="where to write metrics.json (default <rm.out>/metrics.json)")
     p.set_defaults(handler=cmd_rm_eval)
 
     p = commands.add_parser("align", parents=[common], help="the personalized generator: online rounds (no action), "
@@ -405,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of align.out")
     p.set_defaults(handler=cmd_align_train)
     p = align.add_parser("eval", parents=[common], help="base vs aligned on held-out requests (oracle and judge)")
-    p.add_argument("--pipeline", type=Path, help="exported PerFusionPipeline (default <align.out>/pipeline)")
-    p.add_argument("--out", type=Path, help="folder for metrics.json and grid.png (default <align.out>/eval)")
-    p.add_argument("--judge", type=Path, help="judge RM directory (default <rm.out>/judge/model when it exists)")
+    p.add_argument("--pipeline", type=path_or_uri, help="exported PerFusionPipeline (default <align.out>/pipeline)")
+    p.add_argument("--out", type=path_or_uri, help="folder for metrics.json and grid.png (default <align.out>/eval)")
+    p.add_argument("--judge", type=path_or_uri, help="judge RM directory (default <rm.out>/judge/model when it exists)")
     p.set_defaults(handler=cmd_align_eval)
 
     p = commands.add_parser("serve", parents=[common], help="the reward model, or (--app design) the design "

@@ -241,7 +241,7 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
     from perfusion_ray.report import ReportInputs, write_report
     from perfusion_ray.runtime import machine
     from perfusion_ray.storage import atomic_write_json, replace_directory
-    from perfusion_ray.evaluation.judge import judge_dir
+    from perfusion_ray.evaluation.judge import judge_out
     from perfusion_ray.train.reward_model import train_reward_model
     from perfusion_ray.world.environment import fashionworld_environment
     from perfusion_ray.world.simulator import build_world
@@ -263,7 +263,7 @@ def run_demo(config: PerfusionConfig, quick: bool = False, out: Path = Path("out
         ingest_both_splits(config)
     with stages.stage("rm_train", "train the reward model and the judge (Ray Train + DeepSpeed)"):
         rm_report = train_reward_model(config)
-        train_reward_model(config, split="holdout", out=judge_dir(config).parent)
+        train_reward_model(config, split="holdout", out=judge_out(config))
     with stages.stage("rm_eval", "evaluate the reward model"):
         evaluation = evaluate_reward_models(config, rm_report.model_dir, None, environment.oracle)
         metrics.update(evaluation.flat_metrics())

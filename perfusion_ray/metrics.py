@@ -14,6 +14,8 @@ def _tie_averaged_ranks(groups: np.ndarray, scores: np.ndarray) -> tuple[np.ndar
     order = np.lexsort((scores, groups))
     g, s = groups[order], scores[order]
     n = len(order)
+    if n == 0:  # no groups in a subset (e.g. no cold-start merchant)
+        return order, np.zeros(0)
     new_group = np.r_[True, g[1:] != g[:-1]]
     group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
     position = np.arange(n) - group_start + 1.0

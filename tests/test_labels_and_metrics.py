@@ -58,6 +58,7 @@ def test_gauc_matches_brute_force_with_ties_and_degenerate_groups(seed):
 
 def test_gauc_edge_cases():
     assert np.isnan(gauc([0.1, 0.2], [1, 1], [0, 0]))  # no group has both labels
+    assert np.isnan(gauc([], [], []))  # no groups at all (a store with no cold-start merchant)
     assert gauc([0.1, 0.9, 0.5, 0.5], [0, 1, 1, 0], ["a", "a", "b", "b"]) == pytest.approx(0.75)
     assert auc([1.0, 2.0, 3.0], [0, 1, 1]) == 1.0
     with pytest.raises(ValueError, match="NaN"):

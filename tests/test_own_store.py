@@ -100,13 +100,13 @@ def test_the_whole_chain_runs_on_a_store_that_is_not_fashionworld(store, capsys,
         serve.shutdown()
 
 
-def _rewrite(root: Path, transform) -> None:
-    """Apply `transform(table)` to every feedback partition of both splits (a store with that defect)."""
+def _rewrite(root: Path, transform, report) -> None:
+    """Apply `transform(table, report)` to every feedback partition of both splits (a store with that defect)."""
     for path in sorted(root.glob("*/feedback/*/*.parquet")):
-        pq.write_table(transform(pq.read_table(path)), path)
+        pq.write_table(transform(pq.read_table(path), report), path)
 
 
-def _without_side_features(table):
+def _without_side_features(table, report):
     import pyarrow as pa
 
     from perfusion_ray.data.schemas import FEATURES_TYPE, STATS_TYPE
@@ -118,13 +118,13 @@ def _without_side_features(table):
         table.schema.get_field_index("merchant_stats"), "merchant_stats", empty["merchant_stats"])
 
 
-def _one_merchant(table):
+def _one_merchant(table, report):
     import pyarrow.compute as pc
 
-    return table.filter(pc.equal(table["merchant_id"], "shop-00"))
+    return table.filter(pc.equal(table["merchant_id"], report.seen_ids[0]))
 
 
-def _long_prompts(table):
+def _long_prompts(table, report):
     import pyarrow as pa
 
     prompts = [f"{p} with {'very ' * 120}fine stitching" for p in table["prompt"].to_pylist()]
@@ -137,8 +137,8 @@ def _long_prompts(table):
 def test_odd_stores_train_and_evaluate(tmp_path, capsys, defect, transform, ray_cluster):
     """Merchants without side features, a single merchant (no cold-start ones), prompts longer than any
     tokenizer takes: ingest, rm train and rm eval run; GAUC is finite where there are groups to rank."""
-    generate(str(tmp_path / "store"), "tiny", seed=1)
-    _rewrite(tmp_path / "store", transform)
+    report = generate(str(tmp_path / "store"), "tiny", seed=1)
+    _rewrite(tmp_path / "store", transform, report)
     config = _write_config(tmp_path, rm={"epochs": 1, "batch_groups": 2})
     args = ["--config", str(config)]
     assert main(["data", "ingest", "--engine", "local", *args]) == 0

@@ -263,10 +263,9 @@ def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_di
     from perfusion_ray.models.base import load_base
     from perfusion_ray.models.classifier import load_classifier
     from perfusion_ray.models.pipeline import PerFusionPipeline
-    from perfusion_ray.storage import atomic_write_json
+    from perfusion_ray.storage import is_file, join, local_directory, write_bytes, write_json
 
-    pipeline_dir = Path(pipeline_dir)
-    if not (pipeline_dir / "model_index.json").is_file():
+    if not is_file(join(pipeline_dir, "model_index.json")):
         raise PerfusionError(f"{pipeline_dir} is not an exported pipeline (no model_index.json)",
                              hint="run `perfusion align train --offline` or `perfusion align` first")
     environment = environment or build_environment(config)
@@ -276,23 +275,25 @@ def evaluate_alignment(config: PerfusionConfig, pipeline_dir: str | Path, out_di
         judges.append(judge)
     elif judge_dir is not None:
         raise PerfusionError(f"no judge at {judge_dir}", hint="train one with `perfusion rm train --judge`")
-    pipeline = PerFusionPipeline.from_pretrained(str(pipeline_dir))
+    pipeline = PerFusionPipeline.from_pretrained(str(local_directory(pipeline_dir)))
     pipeline.set_progress_bar_config(disable=True)
     base = PerFusionPipeline.from_base(load_base(config.policy.base))  # the frozen base, whatever the policy
     base.set_progress_bar_config(disable=True)
     classifier = load_classifier() if config.policy.base == "embedded" else None
     evaluation = evaluate_pipeline(config, pipeline, environment, classifier, base, judges)
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "metrics.json", dict(sorted(evaluation.metrics.items())))
-        save_grid(comparison_grid(evaluation, config.align.eval.images_per_request), out_dir / "grid.png")
+    if out_dir is not None:  # a local folder or a URI
+        write_json(join(out_dir, "metrics.json"), dict(sorted(evaluation.metrics.items())))
+        write_bytes(join(out_dir, "grid.png"), grid_png(comparison_grid(evaluation, config.align.eval.images_per_request)))
     return evaluation
 
 
-def save_grid(grid: np.ndarray, path: Path, scale: int = 3) -> None:
-    """PNG, upscaled without smoothing (32x32 items are small to look at)."""
+def grid_png(grid: np.ndarray, scale: int = 3) -> bytes:
+    """PNG bytes, upscaled without smoothing (32x32 items are small to look at)."""
+    import io
+
     from PIL import Image
 
+    buffer = io.BytesIO()
     image = Image.fromarray(grid)
-    image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(buffer, format="PNG")
+    return buffer.getvalue()

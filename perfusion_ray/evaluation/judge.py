@@ -21,12 +21,19 @@ import numpy as np
 from perfusion_ray.config import PerfusionConfig
 from perfusion_ray.environment import Oracle
 from perfusion_ray.records import Merchant
+from perfusion_ray.storage import is_file, join, local_directory
 
 OTHER_MERCHANTS = 8  # the judge scores each image for this many other merchants (the oracle: for all of them)
 
 
-def judge_dir(config: PerfusionConfig) -> Path:
-    return Path(config.rm.out) / "judge" / "model"
+def judge_out(config: PerfusionConfig) -> str:
+    """The judge's run folder, <rm.out>/judge (a local path or a URI)."""
+    return join(config.rm.out, "judge")
+
+
+def judge_dir(config: PerfusionConfig) -> str:
+    """The judge's exported model, <rm.out>/judge/model."""
+    return join(judge_out(config), "model")
 
 
 class UtilityJudge(Protocol):
@@ -88,7 +95,7 @@ def load_judge(config: PerfusionConfig, folder: str | Path | None = None) -> Rew
     """The trained judge (default <rm.out>/judge/model), or None when there is none."""
     from perfusion_ray.models.reward_model import load_reward_model
 
-    folder = Path(folder) if folder is not None else judge_dir(config)
-    if not (folder / "config.json").is_file():
+    folder = folder if folder is not None else judge_dir(config)
+    if not is_file(join(folder, "config.json")):
         return None
-    return RewardModelJudge(load_reward_model(folder), seed=config.align.eval.seed)
+    return RewardModelJudge(load_reward_model(local_directory(folder)), seed=config.align.eval.seed)
