@@ -1,7 +1,9 @@
-"""Ray nodes of our own on this machine for integration tests: `ray start --block` processes bound to
-127.0.0.1, a head and, when a test wants several nodes, workers that join it. Each node runs in its own
-session (process group) with its own free ports, so it never touches another cluster on the machine, and
-stops through that group only (SIGTERM, Ray's orderly shutdown, then SIGKILL), never `ray stop`."""
+"""Ray nodes of our own on this machine for integration tests, bound to 127.0.0.1: a head (`ray start --head
+--block`) and, when a test wants several nodes, workers that join it (tests/worker_node.py, what Ray's own
+multi-node test tooling does: `ray start --address` would rewrite the loopback address to the machine's
+external one). Each node runs in its own session (process group) with its own free ports, so it never touches
+another cluster on the machine, and stops through that group only (SIGTERM, Ray's orderly shutdown, then
+SIGKILL), never `ray stop`."""
 
 from __future__ import annotations
 
@@ -36,31 +38,34 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class RayNode:
-    """One `ray start --block` node. A head (head_of=None) gets a GCS port, a dashboard and a job agent; a
-    worker joins the head it is given and shares its temp dir (as Ray's own multi-node test tooling does)."""
+    """One node. A head (head_of=None) is `ray start --head --block` with a GCS port, a dashboard and a job
+    agent; a worker (tests/worker_node.py) joins the head it is given."""
 
     def __init__(self, num_cpus: int, head_of: "RayNode | None" = None, env: dict[str, str] | None = None,
                  resources: dict[str, float] | None = None):
         self.head = head_of is None
-        # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
-        self.temp_dir = tempfile.mkdtemp(prefix="pfn", dir="/tmp") if self.head else head_of.temp_dir
         self.env = node_env(env)
-        command = [str(RAY), "start", "--block", f"--node-ip-address={LOOPBACK}", f"--num-cpus={num_cpus}",
-                   f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-                   # Ports with fixed defaults another cluster on this machine may already hold.
-                   f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
-        if resources:
-            command.append(f"--resources={json.dumps(resources)}")
         if self.head:
+            # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
+            self.temp_dir = tempfile.mkdtemp(prefix="pfn", dir="/tmp")
             self.gcs_port, self.dashboard_port = free_port(), free_port()
-            command += ["--head", f"--port={self.gcs_port}", f"--dashboard-host={LOOPBACK}",
-                        f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                        f"--ray-client-server-port={free_port()}"]
+            command = [str(RAY), "start", "--block", "--head", f"--node-ip-address={LOOPBACK}", f"--num-cpus={num_cpus}",
+                       f"--temp-dir={self.temp_dir}", "--disable-usage-stats", f"--port={self.gcs_port}",
+                       f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+                       "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
+                       # Ports with fixed defaults another cluster on this machine may already hold.
+                       f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+            if resources:
+                command.append(f"--resources={json.dumps(resources)}")
+            cwd = self.temp_dir
         else:
-            self.gcs_port, self.dashboard_port = head_of.gcs_port, head_of.dashboard_port
-            command.append(f"--address={LOOPBACK}:{self.gcs_port}")
-        self.log = open(Path(tempfile.mkdtemp(prefix="pfl")) / "ray_start.log", "w")
-        self.process = subprocess.Popen(command, env=self.env, cwd=self.temp_dir, start_new_session=True,
+            if resources:
+                raise ValueError("custom resources are for the head node")
+            self.temp_dir, self.gcs_port, self.dashboard_port = head_of.temp_dir, head_of.gcs_port, head_of.dashboard_port
+            command = [sys.executable, "-m", "tests.worker_node", self.address, str(num_cpus), "0"]
+            cwd = str(Path(__file__).resolve().parents[1])
+        self.log = open(Path(tempfile.mkdtemp(prefix="pfl")) / "ray_node.log", "w")
+        self.process = subprocess.Popen(command, env=self.env, cwd=cwd, start_new_session=True,
                                         stdout=self.log, stderr=subprocess.STDOUT)
 
     @property

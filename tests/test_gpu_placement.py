@@ -1,5 +1,5 @@
 """GPU placement on a machine without GPUs: a second Ray node with two logical GPUs joins the session's cluster
-on 127.0.0.1 (tests/logical_gpu_node.py). A config that gives replicas GPUs (serve.replica_gpus,
+on 127.0.0.1 (tests/worker_node.py). A config that gives replicas GPUs (serve.replica_gpus,
 design.replica_gpus) deploys there from the shipped Serve config files, each replica names the device it chose
 (the CPU: torch sees no CUDA behind a logical GPU) in its log and through placement(), and it serves what the CPU
 config serves: the same scores and images in float32, close ones in bfloat16. A Ray worker on that node decides
@@ -33,7 +33,7 @@ STEPS = 2
 
 
 class LogicalGpuNode:
-    """tests/logical_gpu_node.py joining `address` with logical GPUs, in its own process group: SIGTERM is Ray's
+    """tests/worker_node.py joining `address` with logical GPUs, in its own process group: SIGTERM is Ray's
     own orderly shutdown of that node, then SIGKILL to that group only. Its environment has no DS_ACCELERATOR,
     so whatever a worker there sees of it was decided on this node."""
 
@@ -41,7 +41,7 @@ class LogicalGpuNode:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DS_ACCELERATOR")}
         env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
         self.log = open(log_dir / "logical_gpu_node.log", "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.logical_gpu_node", address, "4", str(GPUS)],
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.worker_node", address, "4", str(GPUS)],
                                         env=env, cwd=REPO_ROOT, start_new_session=True, stdout=self.log,
                                         stderr=subprocess.STDOUT)
 

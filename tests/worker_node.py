@@ -1,5 +1,5 @@
-"""A Ray worker node with logical GPUs, joined to a running cluster on 127.0.0.1, until SIGTERM:
-    python -m tests.logical_gpu_node <gcs address> <num_cpus> <num_gpus>
+"""A Ray worker node (logical GPUs if asked for) joined to a running cluster on 127.0.0.1, until SIGTERM:
+    python -m tests.worker_node <gcs address> <num_cpus> <num_gpus>
 
 What Ray's own multi-node test tooling (ray.cluster_utils.Cluster.add_node) does, for a head this process did
 not start. `ray start --address=127.0.0.1:<port>` cannot do it: the CLI rewrites a loopback address to the
