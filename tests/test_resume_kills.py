@@ -1,7 +1,8 @@
 """Resume that always finishes, and checkpoints read as data.
 
-A Ray Train worker of `rm train`, `align train --offline` and the online rounds is killed once, before,
-during and right after a checkpoint (tests/resume_drills.py); Ray Train restarts the workers from the last
+A Ray Train worker of `rm train` is killed before a checkpoint, one of `align train --offline` during one,
+one of the online rounds right after one (tests/resume_drills.py; benchmarks/faults.py kills each run at all
+three moments); Ray Train restarts the workers from the last
 checkpoint it registered and each run finishes with an uninterrupted run's exactly-once counters and a
 quality figure within the run-to-run spread; the rounds consume every fresh partition once. Ray Train keeps
 the best export however later epochs tie. A pickle payload in a checkpoint file is refused in one line, never
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 import torch
 
 from perfusion_ray.errors import PerfusionError
@@ -24,6 +26,9 @@ from perfusion_ray.faults import FAULT_ENV, FAULT_EXIT_CODE, FAULT_ONCE_ENV
 from perfusion_ray.weights_only import check_torch_files, load_weights_only
 from tests import resume_drills as drills
 from tests.conftest import free_port
+
+# Ray workers cannot import this module by pytest's name for it: ship its functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 class _OpensAFile:
@@ -206,7 +211,7 @@ def _assert_resumed_like(drill: drills.Drill, reference: drills.Drill, spread: f
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("moment", drills.RM_MOMENTS)
+@pytest.mark.parametrize("moment", [drills.SUITE_MOMENTS["rm"]])
 def test_rm_train_finishes_after_a_worker_kill(rm_store, rm_reference, tmp_path, moment):
     drill = drills.rm_drill(rm_store, tmp_path / "rm", moment)
     _assert_resumed_like(drill, rm_reference, drills.RM_GAUC_SPREAD)
@@ -244,7 +249,7 @@ def offline_reference(rm_store, ray_cluster, tmp_path_factory) -> drills.Drill:
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("moment", drills.OFFLINE_MOMENTS)
+@pytest.mark.parametrize("moment", [drills.SUITE_MOMENTS["offline"]])
 def test_offline_alignment_finishes_after_a_worker_kill(rm_store, offline_reference, tmp_path, moment):
     drill = drills.offline_drill(rm_store, tmp_path / "align", moment)
     _assert_resumed_like(drill, offline_reference, drills.OFFLINE_LOSS_SPREAD)
@@ -267,7 +272,7 @@ def online_store(tmp_path_factory, ray_cluster):
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("moment", drills.ONLINE_MOMENTS)
+@pytest.mark.parametrize("moment", [drills.SUITE_MOMENTS["online"]])
 def test_online_rounds_finish_after_a_worker_kill_and_consume_each_partition_once(online_store, tmp_path, moment):
     template, fresh, port, reference = online_store
     drill = drills.online_drill(template, fresh, tmp_path / "run", port, moment)
