@@ -187,15 +187,15 @@ def online_overrides(folder: Path, port: int, seed: int = 0) -> list[str]:
     ]
 
 
-def prepare_online_store(folder: Path, port: int) -> list[str]:
+def prepare_rounds_store(folder: Path, overrides: list[str]) -> list[str]:
     """3 hours ingested before the loop, 3 fresh hours waiting, an untrained RM to serve; returns the fresh
-    partition files, oldest first (an uninterrupted run consumes the first ONLINE_ROUNDS of them)."""
+    partition files, oldest first."""
     from perfusion_ray.data.ingest import ingest
     from perfusion_ray.data.store import StoreLayout, list_partition_files
     from perfusion_ray.train.reward_model import export_untrained
     from perfusion_ray.world.simulator import build_world, simulate
 
-    config = load_config(None, online_overrides(folder, port))
+    config = load_config(None, overrides)
     world = build_world(config)
     simulate(config, "train", world, progress=False, hours=range(3))
     ingest(config, "train", engine="local")
@@ -204,6 +204,11 @@ def prepare_online_store(folder: Path, port: int) -> list[str]:
     layout = StoreLayout(config.data.root, "train")
     consumed = set(json.loads(Path(layout.watermark).read_text())["consumed"])
     return [name for name in list_partition_files(layout) if name not in consumed]
+
+
+def prepare_online_store(folder: Path, port: int) -> list[str]:
+    """prepare_rounds_store for the drills (an uninterrupted run consumes the first ONLINE_ROUNDS fresh files)."""
+    return prepare_rounds_store(folder, online_overrides(folder, port))
 
 
 def online_drill(template: Path, fresh: list[str], folder: Path, port: int, moment: str | None = None,

@@ -14,13 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from perfusion_ray.config import load_config
-from perfusion_ray.data.ingest import ingest
-from perfusion_ray.data.store import StoreLayout, list_partition_files
+from perfusion_ray.data.store import StoreLayout
 from perfusion_ray.faults import FAULT_ENV
-from perfusion_ray.train.reward_model import export_untrained
-from perfusion_ray.world.simulator import build_world, simulate
 from tests.conftest import TINY_OVERRIDES, free_port
+from tests.resume_drills import prepare_rounds_store
 
 pytestmark = pytest.mark.ray
 
@@ -35,20 +32,6 @@ def _overrides(folder: Path, port: int) -> list[str]:
         "online.partitions_per_round=1", "online.rm_refresh_every=2", "align.batch_groups=2", "align.warmup_steps=0",
         "policy.num_inference_steps=3", f"serve.port={port}", "cluster.num_cpus=4",
     ]
-
-
-def _prepare_store(folder: Path, overrides: list[str]) -> list[str]:
-    """3 hours ingested before the loop, 3 fresh hours waiting; an (untrained) RM to serve. Returns the fresh
-    partition files, oldest first."""
-    config = load_config(None, overrides)
-    world = build_world(config)
-    simulate(config, "train", world, progress=False, hours=range(3))
-    ingest(config, "train", engine="local")
-    simulate(config, "train", world, progress=False, hours=range(3, 6))
-    export_untrained(config, folder / "rm" / "model")
-    layout = StoreLayout(config.data.root, "train")
-    consumed = set(json.loads(Path(layout.watermark).read_text())["consumed"])
-    return [name for name in list_partition_files(layout) if name not in consumed]
 
 
 def _align(overrides: list[str], *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -71,7 +54,7 @@ def _final_state(online_out: Path) -> dict:
 def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("online")
     overrides = _overrides(folder / "uninterrupted", free_port())
-    fresh = _prepare_store(folder / "uninterrupted", overrides)
+    fresh = prepare_rounds_store(folder / "uninterrupted", overrides)
     shutil.copytree(folder / "uninterrupted", folder / "crashed")
     return folder, fresh
 
