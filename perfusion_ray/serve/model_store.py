@@ -4,8 +4,8 @@ A directory is named by a local path or a URI (s3://...); a URI is copied to a l
 (storage.local_directory: a verified copy per published version), because the loaders need local files.
 
 The version is `<config version>@<first 12 hex of the weights' sha256>`: the exported config's version
-alone is not enough, because two exports may carry the same name (today every trained RM says
-"untrained"), and a rollout must be visible in the responses.
+("trained", "refreshed-round0003", ...) alone is not enough, because two exports may carry the same name
+(two `rm train` runs both say "trained"), and a rollout must be visible in the responses.
 """
 
 from __future__ import annotations
