@@ -37,6 +37,22 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def stop_process_group(process: subprocess.Popen, term_timeout_s: float) -> None:
+    """Stop a process started with start_new_session and everything in its group: SIGTERM (Ray's orderly
+    shutdown of a node), then SIGKILL for whatever that left behind."""
+    pgid = process.pid  # start_new_session: the group id is the leader's pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        process.wait(timeout=term_timeout_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
 class RayNode:
     """One node. A head (head_of=None) is `ray start --head --block` with a GCS port, a dashboard and a job
     agent; a worker (tests/worker_node.py) joins the head it is given."""
@@ -82,17 +98,7 @@ class RayNode:
         return self.process.poll() is None
 
     def stop(self) -> None:
-        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)  # whatever the orderly shutdown left behind
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=10)
+        stop_process_group(self.process, term_timeout_s=20)
         self.log.close()
         if self.head:
             shutil.rmtree(self.temp_dir, ignore_errors=True)

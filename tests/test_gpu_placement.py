@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from perfusion_ray.config import REPO_ROOT, load_config
 from perfusion_ray.records import Merchant
 from tests.conftest import free_port
+from tests.ray_nodes import stop_process_group
 
 pytestmark = pytest.mark.ray
 
@@ -61,17 +61,7 @@ class LogicalGpuNode:
         raise TimeoutError(f"no GPU node after {timeout_s:.0f}s; see {self.log.name}")
 
     def stop(self) -> None:
-        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-            self.process.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(timeout=10)
+        stop_process_group(self.process, term_timeout_s=30)
         self.log.close()
 
 
