@@ -46,7 +46,7 @@ def test_the_guard_stops_a_policy_that_games_a_hacked_reward_model(tmp_path, ray
 
     config = load_config(None, TINY_OVERRIDES + [
         "world.hours=6", f"data.root={tmp_path / 'data'}", f"rm.out={tmp_path / 'rm'}", f"online.out={tmp_path / 'online'}",
-        "rm.epochs=3", "rm.batch_groups=4", "online.rounds=12", "online.requests_per_round=4", "online.steps_per_round=4",
+        "rm.epochs=3", "rm.batch_groups=4", "online.rounds=16", "online.requests_per_round=4", "online.steps_per_round=4",
         "online.partitions_per_round=1", "online.rm_refresh_every=0", "online.logged_fraction=0",
         "online.policy_average_decay=0", "online.probe_requests=4", "online.guard_rounds=2", "align.batch_groups=2",
         "align.lr=3e-3", "align.warmup_steps=0", "policy.num_inference_steps=4", f"serve.port={free_port()}",
@@ -66,7 +66,7 @@ def test_the_guard_stops_a_policy_that_games_a_hacked_reward_model(tmp_path, ray
     gold = [m["probe_utility"] for m in report.history]
     proxy = [m["probe_proxy"] for m in report.history]
     assert "over-optimization guard" in report.stopped, (gold, proxy)
-    assert report.rounds < config.online.rounds
+    assert report.rounds < config.online.rounds, (gold, proxy)
     # The gold turns down for good after its best round (earlier dips it recovered from are noise): the guard
     # must stop within 3 rounds of that turn.
     turned = int(np.argmax(gold))

@@ -26,7 +26,8 @@ from perfusion_ray.data.group_examples import committed_group_files, decode_grou
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.faults import fault_point
 from perfusion_ray.records import GroupBatch, Merchant
-from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
+from perfusion_ray.train.distributed import (all_reduce_sum, materialize_in_order, report_with_checkpoint, restore_latest,
+                                             torch_trainer)
 from perfusion_ray.train.group_step import group_step, group_tensors
 from perfusion_ray.train.strategy import DeepSpeedStrategy
 
@@ -97,9 +98,9 @@ def train_loop_per_worker(loop: dict) -> None:
     strategy = DeepSpeedStrategy(zero_stage=align.zero_stage, lr=align.lr, micro_batch=align.batch_groups,
                                  bf16=align.bf16, weight_decay=align.weight_decay, warmup_steps=align.warmup_steps)
     engine = strategy.prepare(policy)
-    state = restore_latest(engine, {"step": 0, "epoch": 0, "train_seconds": 0.0, "groups": 0, "groups_used": 0, "passes": 0})
+    state = restore_latest(engine, {"step": 0, "epoch": 0, "batches_into_epoch": 0, "train_seconds": 0.0, "groups": 0,
+                                    "groups_used": 0, "passes": 0})
     resumed_from = state["step"]
-    generator = torch.Generator().manual_seed(align.seed * 1_000_003 + rank * 7919 + state["step"])
     featurize = featurizer(policy)
     threshold = config.data.label_policy.positive_threshold
     window: dict[str, list[float]] = {"loss": [], "margin": []}
@@ -108,6 +109,8 @@ def train_loop_per_worker(loop: dict) -> None:
             break
         started = time.perf_counter()
         tensors = group_tensors(base, featurize, batch)
+        # Seeded by the step, so a resumed run draws the noise and timesteps the uninterrupted run drew.
+        generator = torch.Generator().manual_seed(align.seed * 1_000_003 + rank * 7919 + state["step"])
         try:
             result = group_step(engine, base.scheduler, tensors, align.beta, align.variant, generator,
                                 align.share_noise, threshold, align.min_timestep)
@@ -129,11 +132,19 @@ def train_loop_per_worker(loop: dict) -> None:
 
 
 def _epochs(shard, batch_groups: int, state: dict):
-    """The shard's batches, pass after pass (equal shards and drop_last keep ranks in step)."""
+    """The shard's batches, pass after pass (equal shards and drop_last keep ranks in step). A resumed run
+    skips the batches of the current pass its checkpoint already trained on (the shard's order is kept,
+    train/distributed.py), so it goes on where the uninterrupted run would."""
+    skip = state["batches_into_epoch"]
     while True:
         for columns in shard.iter_batches(batch_size=batch_groups, batch_format="numpy", drop_last=True):
+            if skip:
+                skip -= 1
+                continue
+            state["batches_into_epoch"] += 1
             yield GroupBatch.from_columns(columns)
         state["epoch"] += 1
+        state["batches_into_epoch"] = 0
 
 
 def _report(strategy, engine, config, loop, state: dict, window: dict, resumed_from: int, final: bool) -> None:
@@ -180,8 +191,8 @@ def train_alignment(config: PerfusionConfig, resume: bool = False) -> AlignTrain
         delete_tree(join(storage, RUN_NAME))
     init_ray(config.cluster)
     # Decoded once before the workers start, not again in every pass over the data.
-    dataset = ray.data.read_parquet(files, filesystem=layout.filesystem).map_batches(
-        decode_groups, batch_format="pyarrow", fn_kwargs={"images_root": layout.images_uri}).materialize()
+    dataset = materialize_in_order(ray.data.read_parquet(files, filesystem=layout.filesystem).map_batches(
+        decode_groups, batch_format="pyarrow", fn_kwargs={"images_root": layout.images_uri}))
     trainer = torch_trainer(train_loop_per_worker, {"config": config.model_dump(mode="json"), "known": known},
                             align, config.cluster, RUN_NAME, storage, {"train": dataset})
     result = trainer.fit()

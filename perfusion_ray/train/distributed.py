@@ -28,7 +28,7 @@ def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: Cl
     folder all of them reach (an object store or a shared file system). The local checkpoints a resume
     would load are checked first: a file that asks to run code is refused here, in one line (on an object
     store the workers' weights_only loading is the check)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from perfusion_ray.faults import fault_env
@@ -50,7 +50,25 @@ def torch_trainer(loop, loop_config: dict, run: DistributedTraining, cluster: Cl
                              failure_config=FailureConfig(max_failures=1),
                              worker_runtime_env={"env_vars": {**worker_env_vars(), **fault_env()}}),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ordered_ingest_options()),
     )
+
+
+def ordered_ingest_options():
+    """Ray Train's ingest options with the block order kept: every run over the same files hands each rank
+    the same batches in the same order, so a rerun or a resumed run trains on what the first run did
+    (Ray Data otherwise splits by locality and finish order)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def materialize_in_order(dataset):
+    """`dataset` executed once into the object store, its blocks in the order of its input files."""
+    dataset.context.execution_options.preserve_order = True
+    return dataset.materialize()
 
 
 def restore_latest(engine, state: dict, read_extra=None) -> dict:

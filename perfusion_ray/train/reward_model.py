@@ -28,7 +28,8 @@ from perfusion_ray.models.merchant_encoder import stable_bucket
 from perfusion_ray.models.reward_model import PerFusionRM, RewardModelConfig, load_reward_model, save_reward_model
 from perfusion_ray.objectives import pairwise_logistic_loss, plackett_luce_loss
 from perfusion_ray.records import GroupBatch
-from perfusion_ray.train.distributed import all_reduce_sum, report_with_checkpoint, restore_latest, torch_trainer
+from perfusion_ray.train.distributed import (all_reduce_sum, materialize_in_order, report_with_checkpoint, restore_latest,
+                                             torch_trainer)
 from perfusion_ray.train.strategy import DeepSpeedStrategy
 
 RUN_NAME = "rm-train"
@@ -245,9 +246,8 @@ def train_reward_model(config: PerfusionConfig, resume: bool = False, split: str
     # Decoded once, before the workers start: streamed lazily, every epoch would re-read the parquet files
     # and re-decode every image (on the same CPUs the workers train on).
     datasets = {
-        name: read.map_batches(decode_fold, batch_format="pyarrow", fn_kwargs={
-            "images_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"}
-        ).materialize()
+        name: materialize_in_order(read.map_batches(decode_fold, batch_format="pyarrow", fn_kwargs={
+            "images_root": layout.images_uri, "fraction": rm.validation_fraction, "validation": name == "validation"}))
         for name in ("train", "validation")
     }
     trainer = torch_trainer(
