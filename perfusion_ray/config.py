@@ -150,9 +150,10 @@ class RMConfig(DistributedTraining):
         "pooled", description="what the plug-ins cross with the merchant: the tower's projected feature, or its "
                               "pooled output before CLIP's linear projection (the projection drops detail)")
     image_head_channels: int = Field(
-        0, ge=0, description="channels of a small trainable convolutional image encoder read beside the image "
-                             "tower, whose features the image plug-in crosses with the merchant (it learns what the "
-                             "tower's vocabulary has no word for, e.g. a continuous hue or brightness); 0: none")
+        16, ge=0, description="channels of a small trainable convolutional image encoder read beside the image "
+                              "tower, whose features the image plug-in crosses with the merchant (it learns what the "
+                              "tower's vocabulary has no word for, e.g. a continuous hue or brightness); 0: none, the "
+                              "frozen tower alone")
     image_head_dim: int = Field(32, ge=1, description="features the image head adds to the image plug-in's input")
     lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="after the warm-up: constant, or cosine "
