@@ -107,9 +107,10 @@ class RoundController:
                 self.group.call("keep_best")
             history = state.history + [metrics]
             if should_stop([m["probe_proxy"] for m in history], [m["probe_utility"] for m in history],
-                           online.guard_rounds):
-                stopped = (f"over-optimization guard: the probe's RM reward rose while its gold utility fell for "
-                           f"{online.guard_rounds} rounds in a row up to round {r}; shipping round {best_round}")
+                           online.guard_rounds, online.guard_tolerance):
+                stopped = (f"over-optimization guard: for {online.guard_rounds} rounds up to round {r} the probe's "
+                           f"gold utility stayed more than {online.guard_tolerance:g} below round {best_round}'s while "
+                           f"its RM reward stayed above it; shipping round {best_round}")
             metrics["probe_seconds"] = _lap(clock)
         final = r + 1 >= online.rounds or bool(stopped)
         if online.publish_every and (r + 1) % online.publish_every == 0 and not final:
