@@ -272,9 +272,10 @@ class OnlineConfig(Section):
                                                    "round's by more than online.guard_tolerance while its RM reward "
                                                    "sits above that round's, stop and ship the best probe policy "
                                                    "(0: off)")
-    guard_tolerance: float = Field(0.02, ge=0, description="how far below its best the probe's gold utility must fall "
-                                                           "to count for the guard (the probe's round-to-round noise "
-                                                           "on 16 requests is about 0.015)")
+    guard_tolerance: float = Field(0.05, ge=0, description="how far below its best the probe's gold utility must fall "
+                                                           "to count for the guard (on the demo's 16 probe requests a "
+                                                           "healthy run moves up to 0.03 below its best; a gaming "
+                                                           "policy falls 0.07-0.12)")
     ship: Literal["best_probe", "last"] = Field(
         "best_probe", description="the exported policy: the averaged policy of the round with the best probe "
                                   "utility (what was reached ships), or the last round's average")

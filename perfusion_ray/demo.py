@@ -24,7 +24,7 @@ QUICK_OVERRIDES = {
     "rm": {"epochs": 2},
     "online": {"rounds": 2, "requests_per_round": 8, "steps_per_round": 8, "live_hours": 2, "live_interval_s": 10.0,
                "partitions_per_round": 1, "rm_refresh_every": 2},
-    "align": {"eval": {"requests_per_merchant": 1}},
+    "align": {"eval": {"requests_per_merchant": 1, "requests_per_split": 12}},
 }
 
 
@@ -35,7 +35,7 @@ def quick_config(config: PerfusionConfig) -> PerfusionConfig:
         for name, value in values.items():
             if isinstance(value, dict):
                 shrink(target[name], value)
-            else:
+            elif target[name] is not None:  # None: the field is unset and another one rules (it stays so)
                 target[name] = min(target[name], value) if target[name] else value
 
     shrink(raw, QUICK_OVERRIDES)

@@ -19,6 +19,7 @@ TINY_OVERRIDES = [
     "data.shuffle_blocks=2",
     "world.faulty_event_rate=0",  # tests that want broken rows make them precisely
     "online.live_hours=1",
+    "align.eval.requests_per_split=null",  # one request per merchant (align.eval.requests_per_merchant) instead
 ]
 
 

@@ -85,3 +85,10 @@ def test_the_guard_fires_after_enough_rounds_of_proxy_above_and_gold_below_the_b
     # The proxy back at or under the best round's value resets the count; a new best gold does too.
     assert not should_stop([1.0, 1.1, 1.0, 1.2], [0.5, 0.4, 0.45, 0.44], 2, 0.02)
     assert not should_stop([1.0, 1.2, 1.4, 1.6], [0.5, 0.4, 0.45, 0.55], 2, 0.02)
+    # At the default tolerance a healthy demo's probe (0.03 below its best round twice while the proxy rose)
+    # runs on, and the hacked RM's curve above still stops.
+    from perfusion_ray.config import OnlineConfig
+
+    tolerance = OnlineConfig().guard_tolerance
+    assert not should_stop([0.338, 0.490, 0.520, 0.596], [0.456, 0.486, 0.455, 0.457], 2, tolerance)
+    assert should_stop(proxy[:4], gold[:4], 2, tolerance)
