@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from perfusion_ray.config import load_config
+from perfusion_ray.console import quiet_libraries, say
 from perfusion_ray.runtime import machine
 from perfusion_ray.world.simulator import simulate
 from tests.conftest import TINY_OVERRIDES
@@ -30,8 +31,15 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=20, help="mutated files per round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="local,ray")
+    parser.add_argument("--log", type=Path, default=Path("out/bench-ingest-fuzz.log"),
+                        help="Ray's and the libraries' output (the terminal keeps the figures)")
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    with quiet_libraries(args.log, verbose=False):
+        return run(args)
+
+
+def run(args) -> int:
+    say(f"machine: {machine()}")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ingest-fuzz-") as work:
         base = Path(work) / "base"
@@ -40,19 +48,19 @@ def main() -> int:
 
         def progress(index: int, report: FuzzReport) -> None:
             if (index + 1) % 10 == 0:
-                print(f"  round {index + 1}/{args.rounds}: {report.files_mutated} files, "
-                      f"{len(report.failures)} failures, {time.perf_counter() - started:.0f}s", flush=True)
+                say(f"  round {index + 1}/{args.rounds}: {report.files_mutated} files, "
+                    f"{len(report.failures)} failures, {time.perf_counter() - started:.0f}s")
 
         report = fuzz(str(base), Path(work) / "stores", config, args.rounds, args.files,
                       tuple(args.engines.split(",")), args.seed, progress)
-    print(f"\nfiles mutated {report.files_mutated}; ingest runs {report.ingest_runs} per engine "
-          f"({args.engines}); rows read {report.rows_read:,} per engine; {time.perf_counter() - started:.0f}s")
-    print(f"exceptions escaped {len(report.escaped)}; identity broken {len(report.identity_broken)}; "
-          f"engines differ {len(report.engines_differ)}; good partitions not ingested {len(report.good_not_ingested)}")
-    print("outcomes: " + ", ".join(f"{name} {count:,}" for name, count in report.outcomes.items()))
-    print("mutations: " + ", ".join(f"{name} {count}" for name, count in sorted(report.shapes.items())))
+    say(f"\nfiles mutated {report.files_mutated}; ingest runs {report.ingest_runs} per engine "
+        f"({args.engines}); rows read {report.rows_read:,} per engine; {time.perf_counter() - started:.0f}s")
+    say(f"exceptions escaped {len(report.escaped)}; identity broken {len(report.identity_broken)}; "
+        f"engines differ {len(report.engines_differ)}; good partitions not ingested {len(report.good_not_ingested)}")
+    say("outcomes: " + ", ".join(f"{name} {count:,}" for name, count in report.outcomes.items()))
+    say("mutations: " + ", ".join(f"{name} {count}" for name, count in sorted(report.shapes.items())))
     for failure in report.failures[:20]:
-        print(f"  FAILED {failure}")
+        say(f"  FAILED {failure}")
     return 1 if report.failures else 0
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from perfusion_ray.config import DEFAULT_CONFIG, PerfusionConfig, load_config, refuse_lost_outputs
-from perfusion_ray.console import quiet_libraries, say, table
+from perfusion_ray.console import log_until_exit, quiet_libraries, say, table
 from perfusion_ray.errors import PerfusionError
 from perfusion_ray.storage import exists, join, local_directory, log_file, path_or_uri, write_json
 
@@ -450,5 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The `perfusion` script: main(), then the process's exit output into the command's log file."""
+    code = main()
+    log_until_exit()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

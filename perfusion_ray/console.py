@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 _terminal: TextIO | None = None  # the terminal while quiet_libraries logs fd 1 and 2; None: sys.stdout as it is now
+_last_log: Path | None = None  # the log file of the latest quiet command in this process
 
 
 def stream() -> TextIO:
@@ -39,11 +40,12 @@ def say(line: str = "") -> None:
 def quiet_libraries(log_file: Path, verbose: bool):
     """Send the process's stdout and stderr to `log_file` for the duration (the console keeps the terminal);
     with verbose, leave everything on the terminal."""
-    global _terminal
+    global _terminal, _last_log
     if verbose:
         yield
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    _last_log = log_file
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -65,6 +67,20 @@ def quiet_libraries(log_file: Path, verbose: bool):
             os.close(fd)
         _terminal = previous
         terminal.close()
+
+
+def log_until_exit() -> None:
+    """After the command's last console line: what the process still prints while it exits (Ray's shutdown,
+    threads of its libraries winding down) goes to the latest quiet command's log file too. Only for a
+    process that ends here (the `perfusion` script), never for a caller that goes on printing."""
+    if _last_log is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(_last_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
 
 
 def _silence_progress_bars() -> None:

@@ -44,6 +44,12 @@ def _rows(rng: np.random.Generator, n: int, share: float = 0.2) -> np.ndarray:
     return np.flatnonzero(rng.random(n) < share) if n else np.zeros(0, np.int64)
 
 
+def _schema_column(table: pa.Table, rng: np.random.Generator) -> str:
+    """A column of the event schema the table still has (a stacked mutation may have renamed some)."""
+    present = [name for name in FEEDBACK_EVENT_SCHEMA.names if name in table.column_names]
+    return str(rng.choice(present or table.column_names))
+
+
 def _replace(table: pa.Table, name: str, column: pa.Array) -> pa.Table:
     return table.set_column(table.schema.get_field_index(name), name, column)
 
@@ -130,7 +136,7 @@ def invalid_utf8(table, rng, put_image) -> Files:
 
 
 def null_type_column(table, rng, put_image) -> Files:
-    name = str(rng.choice(FEEDBACK_EVENT_SCHEMA.names))
+    name = _schema_column(table, rng)
     return [(0, parquet_file(_replace(table, name, pa.nulls(table.num_rows))))]
 
 
@@ -215,13 +221,13 @@ def not_parquet(table, rng, put_image) -> Files:
 
 def retype_column(table, rng, put_image) -> Files:
     """A column stored in another type (cast where arrow can, else all missing)."""
-    name = str(rng.choice(FEEDBACK_EVENT_SCHEMA.names))
+    name = _schema_column(table, rng)
     kind = rng.choice([pa.int32(), pa.uint8(), pa.float32(), pa.string(), pa.large_string(), pa.binary(),
                        pa.bool_(), pa.timestamp("s"), pa.date32(), pa.list_(pa.string()),
                        pa.dictionary(pa.int32(), pa.string())])
     try:
         column = table[name].cast(kind)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # TypeError: a map to a list
         column = pa.nulls(table.num_rows, kind)
     return [(0, parquet_file(_replace(table, name, column)))]
 
