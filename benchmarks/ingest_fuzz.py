@@ -12,6 +12,7 @@ of the mutated files and how often each mutation ran. Exits 1 when any promise b
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -58,7 +59,9 @@ def run(args) -> int:
     say(f"exceptions escaped {len(report.escaped)}; identity broken {len(report.identity_broken)}; "
         f"engines differ {len(report.engines_differ)}; good partitions not ingested {len(report.good_not_ingested)}")
     say("outcomes: " + ", ".join(f"{name} {count:,}" for name, count in report.outcomes.items()))
-    say("mutations: " + ", ".join(f"{name} {count}" for name, count in sorted(report.shapes.items())))
+    single = Counter(part for shape, count in report.shapes.items() for part in shape.split("+") for _ in range(count))
+    say(f"mutations ({sum(c for s, c in report.shapes.items() if '+' in s)} files had two stacked): "
+        + ", ".join(f"{name} {count}" for name, count in sorted(single.items())))
     for failure in report.failures[:20]:
         say(f"  FAILED {failure}")
     return 1 if report.failures else 0

@@ -265,10 +265,22 @@ def mutate(table: pa.Table, rng: np.random.Generator, put_image: PutImage, round
     """One random mutation (rounds > 1: table-level mutations stacked before the last one)."""
     names = list(MUTATIONS)
     chosen = [str(rng.choice(names)) for _ in range(rounds)]
+    applied: list[str] = []
     for name in chosen[:-1]:
-        files = MUTATIONS[name](table, rng, put_image)
+        try:
+            files = MUTATIONS[name](table, rng, put_image)
+        except Exception:  # noqa: BLE001 - it needs what an earlier mutation renamed, retyped or broke
+            if not applied:  # on the valid table every mutation applies
+                raise
+            continue
+        applied.append(name)
         try:
             table = pq.read_table(io.BytesIO(files[0][1]))
         except Exception:  # noqa: BLE001 - the damage made it unreadable: stack nothing more on it
-            return "+".join(chosen[:chosen.index(name) + 1]), files
-    return "+".join(chosen), MUTATIONS[chosen[-1]](table, rng, put_image)
+            return "+".join(applied), files
+    try:
+        return "+".join(applied + chosen[-1:]), MUTATIONS[chosen[-1]](table, rng, put_image)
+    except Exception:  # noqa: BLE001 - as above
+        if not applied:
+            raise
+        return "+".join(applied), files
