@@ -132,22 +132,12 @@ def http_figures(log: Tee, urls: dict[str, str], examples: int, timeout_s: float
 
 
 def replica_kill_figures(log: Tee, url: str, concurrency: int, seconds: float) -> None:
-    import numpy as np
-
-    from perfusion_ray.records import Merchant
     from perfusion_ray.serve.client import RewardClient
-    from perfusion_ray.serve.replica_drill import drill
+    from perfusion_ray.serve.replica_drill import StatusTally, drill, score_request
 
-    statuses, lock = Counter(), threading.Lock()
-
-    def seen(status: int) -> None:
-        with lock:
-            statuses[status] += 1
-
-    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    merchant = Merchant("m0", {"region": "south"}, {"price_level": 1.5})
-    clients = [RewardClient(url, token=TOKEN, observe=seen) for _ in range(concurrency)]
-    report = drill(REWARD, "RewardModel", lambda worker: clients[worker].score("a dark red dress", images, merchant),
+    statuses, (prompt, images, merchant) = StatusTally(), score_request()
+    clients = [RewardClient(url, token=TOKEN, observe=statuses) for _ in range(concurrency)]
+    report = drill(REWARD, "RewardModel", lambda worker: clients[worker].score(prompt, images, merchant),
                    concurrency=concurrency, duration_s=seconds, kill_after_s=min(5.0, seconds / 4))
     for client in clients:
         client.close()
@@ -157,7 +147,7 @@ def replica_kill_figures(log: Tee, url: str, concurrency: int, seconds: float) -
 
     log(f"replica kill: 1 of {report.replicas_before} reward replicas SIGKILLed under {concurrency} RewardClient "
         f"workers for {report.load_s:.0f} s: {report.requests} requests, {len(report.failed)} failed; answers the "
-        f"clients received (retries included) {dict(sorted(statuses.items()))}")
+        f"clients received (retries included) {dict(sorted(statuses.counts.items()))}")
     log(f"replica kill: serve.status() showed the loss after {seconds_or_never(report.unhealthy_after_s)}, HEALTHY "
         f"with {report.replicas_before} replicas again after {seconds_or_never(report.recovered_after_s)}")
     for failure in report.failed[:5]:
@@ -197,6 +187,7 @@ def listening_sockets(log: Tee) -> None:
 def resume_figures(log: Tee, out: Path, seeds: int) -> None:
     from tests import resume_drills as drills
 
+    out = out.absolute()  # the workers write the kill marker and the checkpoints from another working directory
     out.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="store-", dir=out))
     drills.prepare_rm_store(store)

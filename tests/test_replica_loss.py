@@ -4,16 +4,11 @@ handle, see no failed request; the requests the dying replica held answer 503 (t
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
-
-import numpy as np
 import pytest
 
 from perfusion_ray.config import load_config
-from perfusion_ray.records import Merchant
 from perfusion_ray.serve.client import RewardClient, RewardHandleClient
-from perfusion_ray.serve.replica_drill import drill
+from perfusion_ray.serve.replica_drill import StatusTally, drill, score_request
 from tests.conftest import free_port
 from tests.serve_apps import REWARD_YAML, app_entry, deploy_all, tiny_reward_model
 
@@ -40,25 +35,19 @@ def url(ray_cluster, tmp_path_factory):
 
 
 def test_killing_one_of_two_replicas_under_load_fails_no_request(url):
-    statuses, lock = Counter(), threading.Lock()
-
-    def seen(status: int) -> None:
-        with lock:
-            statuses[status] += 1
-
-    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    merchant = Merchant("m0", {"region": "south"}, {"price_level": 1.5})
-    http = [RewardClient(url, observe=seen) for _ in range(HTTP_WORKERS)]
+    tally, (prompt, images, merchant) = StatusTally(), score_request()
+    http = [RewardClient(url, observe=tally) for _ in range(HTTP_WORKERS)]
     handle = RewardHandleClient(APP)
 
     def call(worker: int) -> None:
         client = http[worker] if worker < HTTP_WORKERS else handle
-        assert client.score("a dark red dress", images, merchant).scores.shape == (2,)
+        assert client.score(prompt, images, merchant).scores.shape == (2,)
 
     report = drill(APP, DEPLOYMENT, call, concurrency=HTTP_WORKERS + HANDLE_WORKERS, duration_s=20.0, kill_after_s=4.0)
     for client in http:
         client.close()
     assert report.replicas_before == 2
+    statuses = tally.counts
     assert report.failed == [], report.failed[:5]
     assert report.requests > 100
     assert set(statuses) <= {200, 503}, statuses  # a request lost with its replica is a 503, never a 500

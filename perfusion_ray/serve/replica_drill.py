@@ -16,10 +16,34 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from perfusion_ray.records import Merchant
+
 POLL_S = 0.1
+
+
+class StatusTally:
+    """The HTTP statuses the clients received, retries included: pass it as a client's `observe` hook (it
+    counts from every worker thread)."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, status: int) -> None:
+        with self._lock:
+            self.counts[status] += 1
+
+
+def score_request() -> tuple[str, np.ndarray, Merchant]:
+    """The (prompt, 2 images, merchant) every drill worker scores: small, so the load is the requests."""
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    return "a dark red dress", images, Merchant("m0", {"region": "south"}, {"price_level": 1.5})
 
 
 @dataclass
