@@ -60,15 +60,18 @@ def _config(s3: S3Server, folder: Path) -> Path:
     raw: dict = {}
     for item in TINY_OVERRIDES:
         key, value = item.split("=", 1)
-        section, field = key.split(".")
-        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+        *sections, field = key.split(".")
+        target = raw
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[field] = yaml.safe_load(value)
     raw["world"]["taste_family"] = str(REPO_ROOT / "configs" / "tastes" / "boutique.yaml")
     raw["data"]["root"] = s3.uri(BUCKET, "store")
     raw["rm"] = {"epochs": 2, "batch_groups": 4, "out": s3.uri(BUCKET, "runs/rm")}
     raw["policy"] = {"num_inference_steps": 3}
     raw["online"].update(rounds=2, requests_per_round=2, steps_per_round=1, partitions_per_round=1,
                          rm_refresh_every=2, out=s3.uri(BUCKET, "runs/online"))
-    raw["align"] = {"out": s3.uri(BUCKET, "runs/align")}
+    raw["align"]["out"] = s3.uri(BUCKET, "runs/align")
     raw["serve"] = {"port": free_port(), "app_name": "s3-reward", "route_prefix": "/s3-reward"}
     raw["design"] = {"app_name": "s3-design", "route_prefix": "/s3-design"}
     path = folder / "cluster.yaml"
