@@ -77,7 +77,10 @@ def log_until_exit() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    log = os.open(_last_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        log = os.open(_last_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:  # the command replaced its output folder, log included: the exit output goes nowhere
+        log = os.open(os.devnull, os.O_WRONLY)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
