@@ -12,10 +12,10 @@ of the mutated files and how often each mutation ran. Exits 1 when any promise b
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from perfusion_ray.config import load_config

@@ -266,7 +266,7 @@ def mutate(table: pa.Table, rng: np.random.Generator, put_image: PutImage, round
     names = list(MUTATIONS)
     chosen = [str(rng.choice(names)) for _ in range(rounds)]
     applied: list[str] = []
-    for name in chosen[:-1]:
+    for index, name in enumerate(chosen):
         try:
             files = MUTATIONS[name](table, rng, put_image)
         except Exception:  # noqa: BLE001 - it needs what an earlier mutation renamed, retyped or broke
@@ -274,13 +274,10 @@ def mutate(table: pa.Table, rng: np.random.Generator, put_image: PutImage, round
                 raise
             continue
         applied.append(name)
+        if index == len(chosen) - 1:
+            break
         try:
             table = pq.read_table(io.BytesIO(files[0][1]))
         except Exception:  # noqa: BLE001 - the damage made it unreadable: stack nothing more on it
-            return "+".join(applied), files
-    try:
-        return "+".join(applied + chosen[-1:]), MUTATIONS[chosen[-1]](table, rng, put_image)
-    except Exception:  # noqa: BLE001 - as above
-        if not applied:
-            raise
-        return "+".join(applied), files
+            break
+    return "+".join(applied), files
