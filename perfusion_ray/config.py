@@ -206,9 +206,10 @@ class AlignConfig(DistributedTraining):
     """Group-level preference optimization of the adaptive network (`perfusion align train`)."""
 
     variant: Literal["pl", "multi_neg", "pairwise", "sft", "dgpo"] = Field(
-        "pl", description="pl: Plackett-Luce over graded labels; multi_neg; pairwise: Diffusion-DPO on every "
-                          "pair of a group, each pair its own noise; sft: denoising loss on positives; dgpo: "
-                          "DGPO-style group preference, the advantage-weighted better half against the worse")
+        "dgpo", description="dgpo: DGPO-style group preference, the advantage-weighted better half against the "
+                            "worse (the default: ahead of pl online at equal denoiser passes); pl: Plackett-Luce "
+                            "over graded labels; multi_neg; pairwise: Diffusion-DPO on every pair of a group, "
+                            "each pair its own noise; sft: denoising loss on positives")
     adapter: Literal["personalized", "plain_lora"] = Field(
         "personalized", description="the ControlNet-style merchant branch, or (ablation) a plain LoRA on the "
                                     "UNet with no merchant input")
@@ -239,7 +240,7 @@ class OnlineConfig(Section):
                                                                 "feedback groups; the rest are this round's "
                                                                 "on-policy groups")
     split: Literal["top_m", "margin", "ranking", "scores"] = Field(
-        "top_m", description="labels of a generated group from the RM's scores: top_m (the top_m best are P), margin "
+        "scores", description="labels of a generated group from the RM's scores: top_m (the top_m best are P), margin "
                              "(every candidate within `margin` of the best is P; a group with no N is skipped), "
                              "ranking (graded: each candidate's rank, so pl ranks the whole group), scores (the "
                              "scores themselves, for objectives that weigh margins such as dgpo)")
