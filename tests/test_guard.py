@@ -52,7 +52,7 @@ def test_the_guard_stops_a_policy_that_games_a_hacked_reward_model(tmp_path, ray
         "align.lr=3e-3", "align.warmup_steps=0", "policy.num_inference_steps=4", f"serve.port={free_port()}",
         # pl on the top-1 split games this RM within a few rounds on the tiny world; dgpo's gold drifts too
         # slowly here (0.44 -> 0.36 -> 0.43 over 16 rounds) for a curve that turns down.
-        "align.variant=pl", "online.split=top_m",
+        "align.variant=pl", "online.split=top_m", "online.num_inference_steps=4",
         "serve.app_name=guard-reward", "serve.route_prefix=/guard-reward"])
     world = build_world(config)
     simulate(config, "train", world, progress=False, hours=range(3))
